@@ -1,0 +1,482 @@
+"""Corpus -> one MDS stream per group and split, plus ``mixture.json``.
+
+The pipeline, and why it is shaped this way:
+
+1. *Plan.* Inputs are cut into tasks whose boundaries depend only on the input
+   (:mod:`shard_tools.sources`), so the output never depends on the worker count.
+2. *Convert in parallel.* Each task runs in a worker process and writes its documents with
+   streaming's ``MDSWriter`` into a private staging folder, one writer per (group, split).
+   Tokenized documents are packed into ``seq_len`` sequences; the partial sequence left at
+   the end of a task is returned to the parent instead of being padded or dropped. The
+   small held-out splits (val/test) are returned to the parent too, so they end up in a few
+   full shards rather than one sliver of a shard per task.
+3. *Merge.* The parent renumbers every task's train shards into one flat stream per group,
+   in plan order, writes the returned samples and packs the task tails in the same order
+   into final shards, and writes each ``index.json``. This is the job of streaming's
+   ``merge_index``, done here because ``merge_index`` keeps per-partition subfolders whose
+   names would depend on how the work was split; a flat stream is identical for 1 or N
+   workers.
+4. *Publish atomically.* Locally the finished tree is renamed into place; on S3 every
+   stream's shards are uploaded before its ``index.json``, and ``mixture.json`` goes last.
+   A failed run removes what it wrote, so an interrupted conversion never looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mixstream import storage
+from mixstream.manifest import SPLITS, GroupInfo, Manifest, SplitInfo
+from shard_tools.packing import SequencePacker, assign_split
+from shard_tools.sources import (
+    DEFAULT_CHUNK_BYTES,
+    InputSpec,
+    ReadOptions,
+    ReadStats,
+    Task,
+    plan_tasks,
+    read_documents,
+)
+from shard_tools.tokenizer import Tokenizer, TokenizerSpec, token_dtype
+
+__all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "convert"]
+
+TEXT_COLUMN = "text"
+TOKENS_COLUMN = "input_ids"
+HASH = "xxh64"
+DEFAULT_SHARD_SIZE = "64mb"
+Key = tuple[str, str]
+
+
+class ConvertError(RuntimeError):
+    """The conversion cannot proceed; the message names what to fix."""
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """Everything that shapes the output (all of it recorded in the manifest or index)."""
+
+    tokenizer: str | None = None
+    eos_token: str | None = None
+    seq_len: int = 2048
+    dtype: str | None = None
+    text_field: str = "text"
+    group_field: str | None = None
+    format: str | None = None
+    skip_bad: bool = False
+    val_fraction: float = 0.01
+    test_fraction: float = 0.01
+    split_seed: int = 0
+    shard_size: int | str = DEFAULT_SHARD_SIZE
+    compression: str = "zstd"
+    workers: int = 0
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    overwrite: bool = False
+    progress: bool = True
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.text_field, self.group_field, self.skip_bad, self.format)
+
+    def validate(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConvertError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ConvertError("--val-fraction + --test-fraction must leave some data for train")
+        if self.tokenizer is not None and self.seq_len < 2:
+            raise ConvertError(f"--seq-len must be at least 2, got {self.seq_len}")
+        if self.chunk_bytes <= 0:
+            raise ConvertError("--chunk-size must be positive")
+
+
+@dataclass
+class StreamCounts:
+    documents: int = 0
+    tokens: int = 0
+    text_bytes: int = 0
+
+    def add(self, other: StreamCounts) -> None:
+        self.documents += other.documents
+        self.tokens += other.tokens
+        self.text_bytes += other.text_bytes
+
+
+@dataclass
+class TaskResult:
+    index: int
+    counts: dict[Key, StreamCounts]
+    heldout: dict[Key, list[dict[str, Any]]]
+    tails: dict[Key, np.ndarray]
+    stats: ReadStats
+
+
+@dataclass
+class ConvertReport:
+    """What a conversion produced and what it skipped."""
+
+    manifest: Manifest
+    input_bytes: int
+    seconds: float
+    bad_records: int = 0
+    empty_documents: int = 0
+    dropped_tokens: int = 0
+    first_errors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Sample encoding shared by the parent and the workers."""
+
+    columns: dict[str, str]
+    dtype: str | None
+    eos_id: int | None
+
+
+def _staging_dir(base: str, index: int) -> str:
+    return os.path.join(base, f"task-{index:06d}")
+
+
+_tokenizers: dict[TokenizerSpec, Tokenizer] = {}
+
+
+def _tokenizer(spec: TokenizerSpec) -> Tokenizer:
+    if spec not in _tokenizers:
+        _tokenizers[spec] = spec.load()
+    return _tokenizers[spec]
+
+
+def _writer(out: str, layout: _Layout, options: ConvertOptions) -> Any:
+    from streaming import MDSWriter
+
+    return MDSWriter(
+        out=out,
+        columns=layout.columns,
+        compression=options.compression or None,
+        hashes=[HASH],
+        size_limit=options.shard_size,
+    )
+
+
+def _run_task(task: Task, options: ConvertOptions, layout: _Layout, staging: str) -> TaskResult:
+    """Convert one task into its own staging folder (runs in a worker process)."""
+    tok = None
+    if options.tokenizer is not None:
+        tok = _tokenizer(TokenizerSpec(options.tokenizer, options.eos_token))
+    writers: dict[Key, Any] = {}
+    heldout: dict[Key, list[dict[str, Any]]] = {}
+    packers: dict[Key, SequencePacker] = {}
+    counts: dict[Key, StreamCounts] = {}
+    stats = ReadStats()
+    base = _staging_dir(staging, task.index)
+
+    def write(key: Key, sample: dict[str, Any]) -> None:
+        if key[1] != "train":
+            heldout.setdefault(key, []).append(sample)
+            return
+        if key not in writers:
+            writers[key] = _writer(os.path.join(base, *key), layout, options)
+        writers[key].write(sample)
+
+    try:
+        for doc in read_documents(task, options.read_options(), stats):
+            split = assign_split(
+                doc.text, options.val_fraction, options.test_fraction, options.split_seed
+            )
+            key = (doc.group, split)
+            c = counts.setdefault(key, StreamCounts())
+            c.documents += 1
+            c.text_bytes += len(doc.text.encode("utf-8"))
+            if tok is None:
+                write(key, {TEXT_COLUMN: doc.text})
+                continue
+            ids = tok.encode(doc.text)
+            c.tokens += len(ids) + 1
+            if key not in packers:
+                assert layout.dtype is not None and layout.eos_id is not None
+                packers[key] = SequencePacker(options.seq_len, layout.eos_id, layout.dtype)
+            for seq in packers[key].add(ids):
+                write(key, {TOKENS_COLUMN: seq})
+    finally:
+        for w in writers.values():
+            w.finish()
+    tails = {key: p.tail() for key, p in packers.items()}
+    return TaskResult(task.index, counts, heldout, tails, stats)
+
+
+def _resolve_layout(options: ConvertOptions) -> tuple[_Layout, dict[str, Any] | None]:
+    """Check the tokenizer and dtype up front, before any work is spent."""
+    if options.tokenizer is None:
+        if options.dtype is not None:
+            raise ConvertError("--dtype applies to tokenized output; add --tokenizer")
+        return _Layout({TEXT_COLUMN: "str"}, None, None), None
+    try:
+        tok = _tokenizer(TokenizerSpec(options.tokenizer, options.eos_token))
+        dtype = token_dtype(tok.vocab_size, options.dtype)
+    except ValueError as exc:
+        raise ConvertError(str(exc)) from None
+    info = tok.describe()
+    columns = {TOKENS_COLUMN: f"ndarray:{dtype}:{options.seq_len}"}
+    return _Layout(columns, dtype, tok.eos_id), info
+
+
+def _check_destination(out: str, overwrite: bool) -> None:
+    if storage.is_remote(out):
+        storage.check_writable(out)
+        if storage.list_files(out) and not overwrite:
+            raise ConvertError(f"{out} is not empty; pass --overwrite to replace its contents")
+        return
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ConvertError(f"{out} exists and is not a directory")
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise ConvertError(f"{out} is not empty; pass --overwrite to replace its contents")
+
+
+def _merge_stream(
+    key: Key,
+    results: Sequence[TaskResult],
+    staging: str,
+    final: str,
+    layout: _Layout,
+    options: ConvertOptions,
+) -> tuple[list[dict[str, Any]], int]:
+    """Renumber task shards (plan order) into one flat stream; returns (shards, dropped)."""
+    os.makedirs(final, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+
+    def take(folder: str) -> None:
+        index_path = os.path.join(folder, "index.json")
+        if not os.path.exists(index_path):
+            return
+        with open(index_path) as f:
+            entries = json.load(f)["shards"]
+        for entry in entries:
+            source = (entry["zip_data"] or entry["raw_data"])["basename"]
+            name = f"shard.{len(shards):05d}.mds"
+            entry["raw_data"]["basename"] = name
+            if entry["zip_data"]:
+                name = f"{name}.{options.compression.split(':')[0]}"
+                entry["zip_data"]["basename"] = name
+            os.replace(os.path.join(folder, source), os.path.join(final, name))
+            shards.append(entry)
+
+    for result in results:
+        take(os.path.join(_staging_dir(staging, result.index), *key))
+    extra = [sample for r in results for sample in r.heldout.get(key, [])]
+    dropped = 0
+    tails = [r.tails[key] for r in results if key in r.tails and len(r.tails[key])]
+    if tails:
+        flat = np.concatenate(tails)
+        full = len(flat) // options.seq_len * options.seq_len
+        dropped = len(flat) - full
+        extra.extend({TOKENS_COLUMN: seq} for seq in flat[:full].reshape(-1, options.seq_len))
+    if extra:
+        extra_dir = os.path.join(staging, "merged", *key)
+        writer = _writer(extra_dir, layout, options)
+        for sample in extra:
+            writer.write(sample)
+        writer.finish()
+        take(extra_dir)
+    with open(os.path.join(final, "index.json"), "w") as f:
+        json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
+    return shards, dropped
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="convert",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _run_all(
+    tasks: list[Task], options: ConvertOptions, layout: _Layout, staging: str, workers: int
+) -> list[TaskResult]:
+    results: list[TaskResult] = []
+    with _progress(sum(t.size for t in tasks), options.progress) as bar:
+        if workers <= 1:
+            for task in tasks:
+                results.append(_run_task(task, options, layout, staging))
+                bar.update(task.size)
+            return results
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            sizes: dict[Future[TaskResult], int] = {
+                pool.submit(_run_task, t, options, layout, staging): t.size for t in tasks
+            }
+            pending = set(sizes)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for future in done:
+                    if future.exception() is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise future.exception()  # type: ignore[misc]
+                    results.append(future.result())
+                    bar.update(sizes[future])
+    return sorted(results, key=lambda r: r.index)
+
+
+def convert(
+    inputs: Sequence[InputSpec], out: str | os.PathLike[str], options: ConvertOptions
+) -> ConvertReport:
+    """Convert ``inputs`` into per-group MDS streams and a ``mixture.json`` under ``out``."""
+    started = time.perf_counter()
+    out = str(out).rstrip("/")
+    options.validate()
+    layout, tokenizer_info = _resolve_layout(options)
+    tasks = plan_tasks(inputs, options.read_options(), options.chunk_bytes)
+    _check_destination(out, options.overwrite)
+    workers = options.workers or os.cpu_count() or 1
+
+    remote = storage.is_remote(out)
+    parent = None if remote else str(Path(out).resolve().parent)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".shard-tools-", dir=parent)
+    try:
+        results = _run_all(tasks, options, layout, staging, workers)
+        report = _assemble(inputs, results, staging, layout, tokenizer_info, options, out)
+        _publish(os.path.join(staging, "out"), out, report.manifest, options.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.input_bytes = sum(t.size for t in tasks)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _assemble(
+    inputs: Sequence[InputSpec],
+    results: list[TaskResult],
+    staging: str,
+    layout: _Layout,
+    tokenizer_info: dict[str, Any] | None,
+    options: ConvertOptions,
+    out: str,
+) -> ConvertReport:
+    totals: dict[Key, StreamCounts] = {}
+    stats = ReadStats()
+    for r in results:
+        for key, c in r.counts.items():
+            totals.setdefault(key, StreamCounts()).add(c)
+        stats.bad_records += r.stats.bad_records
+        stats.empty_documents += r.stats.empty_documents
+        stats.first_errors.extend(r.stats.first_errors[: 5 - len(stats.first_errors)])
+
+    named = sorted({s.group for s in inputs if s.group is not None})
+    seen = sorted({g for g, _ in totals})
+    for group in named:
+        if group not in seen:
+            paths = ", ".join(s.path for s in inputs if s.group == group)
+            raise ConvertError(f"group {group!r} has no documents (inputs: {paths})")
+    if not seen:
+        raise ConvertError("the inputs contain no documents")
+
+    wanted = {"train": True, "val": options.val_fraction > 0, "test": options.test_fraction > 0}
+    groups: dict[str, GroupInfo] = {}
+    dropped_total = 0
+    for group in seen:
+        splits: dict[str, SplitInfo] = {}
+        for split in SPLITS:
+            if not wanted[split]:
+                continue
+            key = (group, split)
+            counts = totals.get(key, StreamCounts())
+            rel = f"{group}/{split}"
+            shards, dropped = _merge_stream(
+                key, results, staging, os.path.join(staging, "out", rel), layout, options
+            )
+            dropped_total += dropped
+            samples = sum(s["samples"] for s in shards)
+            if samples == 0:
+                hint = f"raise --{split}-fraction" if split != "train" else "add data to the group"
+                unit = "one sequence of tokens" if layout.dtype else "one document"
+                raise ConvertError(
+                    f"group {group!r} has no {split} samples ({counts.documents} documents, "
+                    f"need at least {unit}); {hint}"
+                )
+            splits[split] = SplitInfo(
+                path=rel,
+                documents=counts.documents,
+                samples=samples,
+                tokens=samples * options.seq_len if layout.dtype else None,
+                text_bytes=counts.text_bytes,
+                stored_bytes=sum((s["zip_data"] or s["raw_data"])["bytes"] for s in shards),
+                raw_bytes=sum(s["raw_data"]["bytes"] for s in shards),
+                shards=len(shards),
+            )
+        sources = [s.path for s in inputs if s.group in (group, None)]
+        groups[group] = GroupInfo(group, splits, sources)
+
+    if layout.dtype:
+        sample = {
+            "format": "tokens",
+            "column": TOKENS_COLUMN,
+            "seq_len": options.seq_len,
+            "dtype": layout.dtype,
+        }
+    else:
+        sample = {"format": "text", "column": TEXT_COLUMN}
+    holdout = {
+        "val_fraction": options.val_fraction,
+        "test_fraction": options.test_fraction,
+        "seed": options.split_seed,
+        "hash": HASH,
+    }
+    manifest = Manifest(groups, sample, tokenizer_info, holdout, root=out)
+    return ConvertReport(
+        manifest=manifest,
+        input_bytes=0,
+        seconds=0.0,
+        bad_records=stats.bad_records,
+        empty_documents=stats.empty_documents,
+        dropped_tokens=dropped_total,
+        first_errors=stats.first_errors,
+    )
+
+
+def _publish(tree: str, out: str, manifest: Manifest, overwrite: bool) -> None:
+    """Make ``tree`` visible at ``out`` with ``mixture.json`` last; roll back on failure."""
+    if storage.is_remote(out):
+        # The prefix was checked empty (or --overwrite given), so a failed upload is
+        # rolled back by clearing it: no index without its shards is left behind.
+        if overwrite:
+            storage.delete_prefix(out)
+        try:
+            storage.upload_tree(tree, out)
+            manifest.save(out)
+        except BaseException:
+            with contextlib.suppress(storage.StorageError):
+                storage.delete_prefix(out)
+            raise
+        return
+    manifest.save(tree)
+    target = Path(out)
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(tree, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
