@@ -39,6 +39,7 @@ import re
 import sys
 import sysconfig
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,8 @@ __all__ = [
 ]
 
 #: Text bytes (UTF-8 of the documents, not of the JSON lines) per group by default. The
-#: ``prose`` group tops out at about 2 MB on CPython 3.11, so a larger default would leave the
-#: groups unbalanced.
+#: ``prose`` group tops out at about 1.8 MB on CPython 3.11, so a larger default would only
+#: make the other groups bigger than it.
 DEFAULT_GROUP_BYTES = 2_000_000
 #: A group with less material than this (or than half the budget, if smaller) is left out.
 MIN_GROUP_BYTES = 100_000
@@ -65,6 +66,9 @@ _MIN_GROUPS = 3
 # filling the last few bytes does not read the whole source tree.
 _MAX_MISSES = 64
 _MIN_DOCSTRING_CHARS = 200
+# Stub files (an empty ``__init__.py`` with one comment, a one-line license pointer) say
+# nothing about their group.
+_MIN_DOC_BYTES = 200
 _MAX_FILE_BYTES = 16 << 20
 _SKIP_STDLIB_DIRS = frozenset(
     {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
@@ -91,7 +95,9 @@ class DemoGroup:
 @dataclass(frozen=True)
 class _Candidate:
     source: str  # relative path or identifier, stored in meta.source
+    origin: str  # kind of source, for DemoGroup.sources
     load: Callable[[], str | None]
+    family: str | None = None  # related documents, spread out in the order (default: source)
 
 
 @dataclass
@@ -114,7 +120,7 @@ def build_demo_corpus(
 
     With ``groups=None`` every group this machine has enough material for is built, and at
     least three are required. Naming ``groups`` explicitly requires each named group. Nothing
-    is written unless the whole build succeeds; each file is replaced atomically.
+    is written until every group has been collected; each file is replaced atomically.
 
     Raises:
         ValueError: unknown group name or non-positive budget.
@@ -175,18 +181,17 @@ def _resolve_groups(groups: Sequence[str] | None) -> list[str]:
 def _fill(group: str, candidates: list[_Candidate], budget: int) -> _Collected:
     """Take whole documents in a stable pseudo-random order until the budget is full."""
 
-    def key(c: _Candidate) -> tuple[bytes, str]:
-        return hashlib.sha256(f"{group}\0{c.source}".encode()).digest(), c.source
-
     docs: list[tuple[str, str]] = []
     used: dict[str, int] = {}
     seen: set[bytes] = set()  # membership only, never iterated
     total = misses = 0
-    for cand in sorted(candidates, key=key):
+    for cand in _order(group, candidates):
         text = _normalize(cand.load())
         if not text:
             continue
         data = text.encode("utf-8")
+        if len(data) < _MIN_DOC_BYTES:
+            continue
         digest = hashlib.sha256(data).digest()
         if digest in seen:
             continue
@@ -203,13 +208,34 @@ def _fill(group: str, candidates: list[_Candidate], budget: int) -> _Collected:
             text = data.decode("utf-8")
         seen.add(digest)
         docs.append((cand.source, text))
-        origin = cand.source.split("/", 1)[0]
-        used[origin] = used.get(origin, 0) + 1
+        used[cand.origin] = used.get(cand.origin, 0) + 1
         total += len(data)
         misses = 0
         if total >= budget:
             break
     return _Collected(docs, total, used)
+
+
+def _order(group: str, candidates: list[_Candidate]) -> list[_Candidate]:
+    """Stable pseudo-random order that takes one document per family before any second one.
+
+    Families keep one prolific source (e.g. thousands of ``gcloud_*`` man pages) from
+    crowding out everything else when the budget is small.
+    """
+
+    def digest(name: str) -> bytes:
+        return hashlib.sha256(f"{group}\0{name}".encode()).digest()
+
+    families: dict[str, list[tuple[bytes, str, int]]] = {}
+    for i, c in enumerate(candidates):
+        families.setdefault(c.family or c.source, []).append((digest(c.source), c.source, i))
+    keyed: list[tuple[int, bytes, str, bytes, str, int]] = []
+    for family, members in families.items():
+        family_digest = digest(family)
+        for rank, (d, source, i) in enumerate(sorted(members)):
+            keyed.append((rank, family_digest, family, d, source, i))
+    keyed.sort()
+    return [candidates[k[-1]] for k in keyed]
 
 
 def _normalize(text: str | None) -> str:
@@ -301,7 +327,7 @@ def _python_label() -> str:
 
 def _collect_code() -> tuple[list[_Candidate], list[str]]:
     cands = [
-        _Candidate(source, lambda p=path: _read_text(p))
+        _Candidate(source, "stdlib modules", lambda p=path: _read_text(p))
         for source, path in _stdlib_modules()
         if not source.startswith("stdlib/pydoc_data/")  # generated prose, not code
     ]
@@ -309,25 +335,25 @@ def _collect_code() -> tuple[list[_Candidate], list[str]]:
 
 
 def _collect_legal() -> tuple[list[_Candidate], list[str]]:
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, str, Path]] = []
     origins: list[str] = []
 
     stdlib_license = _stdlib_dir() / "LICENSE.txt"
     if stdlib_license.is_file():
-        found.append(("stdlib/LICENSE.txt", stdlib_license))
+        found.append(("stdlib/LICENSE.txt", "Python LICENSE.txt", stdlib_license))
     origins.append(f"{stdlib_license}: {'found' if stdlib_license.is_file() else 'missing'}")
 
     n = len(found)
     for p in _sorted_dir(_COMMON_LICENSES):
         if p.is_file():
-            found.append((f"common-licenses/{p.name}", p))
+            found.append((f"common-licenses/{p.name}", str(_COMMON_LICENSES), p))
     origins.append(f"{_COMMON_LICENSES}/*: {len(found) - n} files")
 
     n = len(found)
     for pkg in _sorted_dir(_USR_SHARE_DOC):
         p = pkg / "copyright"
         if p.is_file():
-            found.append((f"doc/{pkg.name}/copyright", p))
+            found.append((f"doc/{pkg.name}/copyright", f"{_USR_SHARE_DOC}/*/copyright", p))
     origins.append(f"{_USR_SHARE_DOC}/*/copyright: {len(found) - n} files")
 
     for site_dir in _site_package_dirs():
@@ -339,10 +365,13 @@ def _collect_legal() -> tuple[list[_Candidate], list[str]]:
                 rel = p.relative_to(dist)
                 in_licenses = rel.parts[0] in ("licenses", "license_files")
                 if in_licenses or p.name.lower().startswith(_LICENSE_PREFIXES):
-                    found.append((f"site-packages/{dist.name}/{rel.as_posix()}", p))
+                    source = f"site-packages/{dist.name}/{rel.as_posix()}"
+                    found.append((source, "dist-info license files", p))
         origins.append(f"{site_dir}/*.dist-info license files: {len(found) - n} files")
 
-    cands = [_Candidate(source, lambda p=path: _read_text(p)) for source, path in found]
+    cands = [
+        _Candidate(source, origin, lambda p=path: _read_text(p)) for source, origin, path in found
+    ]
     return cands, origins
 
 
@@ -358,11 +387,18 @@ def _site_package_dirs() -> list[Path]:
 
 def _collect_prose() -> tuple[list[_Candidate], list[str]]:
     modules = _stdlib_modules()
-    cands = [_Candidate(source, lambda p=path: _module_docstrings(p)) for source, path in modules]
+    cands = [
+        _Candidate(source, "stdlib docstrings", lambda p=path: _module_docstrings(p))
+        for source, path in modules
+    ]
     topics_path = _stdlib_dir() / "pydoc_data" / "topics.py"
     topics = _pydoc_topics(topics_path)
     for name in sorted(topics):
-        cands.append(_Candidate(f"stdlib/pydoc_data/topics.py#{name}", lambda t=topics[name]: t))
+        cands.append(
+            _Candidate(
+                f"stdlib/pydoc_data/topics.py#{name}", "pydoc topics", lambda t=topics[name]: t
+            )
+        )
     origins = [
         f"docstrings >= {_MIN_DOCSTRING_CHARS} chars in {len(modules)} {_python_label()} "
         f"stdlib modules under {_stdlib_dir()}",
@@ -377,8 +413,10 @@ def _module_docstrings(path: Path) -> str | None:
     if source is None:
         return None
     try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+        with warnings.catch_warnings():  # e.g. SyntaxWarning for "\d" on Python >= 3.12
+            warnings.simplefilter("ignore")
+            tree = ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError):
         return None
     nodes = [
         node
@@ -430,7 +468,9 @@ def _collect_docs() -> tuple[list[_Candidate], list[str]]:
             if p.is_symlink() or not _MAN_PAGE_NAME.search(p.name):
                 continue
             rel = p.relative_to(_MAN_ROOT).as_posix()
-            cands.append(_Candidate(f"man/{rel}", lambda p=p: _man_to_text(_read_text(p))))
+            family = re.split(r"[_.:-]", p.name, maxsplit=1)[0].lower()
+            load = lambda p=p: _man_to_text(_read_text(p))  # noqa: E731
+            cands.append(_Candidate(f"man/{rel}", "man pages", load, family))
     return cands, [f"{_MAN_ROOT}/man*/ (English man pages): {len(cands)} files"]
 
 
@@ -452,6 +492,12 @@ _GLYPHS = {
 }
 _SINGLE_ESCAPES = {"-": "-", "e": "\\", "\\": "\\", " ": " ", "~": " ", "0": " ", "t": "\t",
                    "'": "'", "`": "`", ".": "."}
+# mdoc (BSD/macOS pages): macro names also appear inline as arguments and are dropped there.
+_MDOC_INLINE = frozenset([
+    "Ar", "Cm", "Dv", "Em", "Er", "Ev", "Fa", "Fl", "Fn", "Ft", "Ic", "Li", "Nm", "Ns", "Op",
+    "Pa", "Ql", "Sy", "Va", "Xr", "Dq", "Sq", "Pq", "Qq", "Aq", "Bq", "Brq", "It", "Oo", "Oc",
+    "Xo", "Xc", "No", "Ap",
+])
 # fmt: on
 _ROFF_ESCAPE = re.compile(
     r"""\\(?:
@@ -469,47 +515,9 @@ _ROFF_ESCAPE = re.compile(
 _ROFF_COMMENT = re.compile(r'\\["#].*')
 _FONT_ALTERNATING = frozenset({"BR", "BI", "IB", "IR", "RB", "RI"})
 _MAN_TEXT_MACROS = frozenset({"B", "I", "SB", "SM", "IP", "SH", "SS"})
-# mdoc (BSD/macOS pages): macro names also appear inline as arguments and are dropped there.
-_MDOC_INLINE = frozenset(
-    [
-        "Ar",
-        "Cm",
-        "Dv",
-        "Em",
-        "Er",
-        "Ev",
-        "Fa",
-        "Fl",
-        "Fn",
-        "Ft",
-        "Ic",
-        "Li",
-        "Nm",
-        "Ns",
-        "Op",
-        "Pa",
-        "Ql",
-        "Sy",
-        "Va",
-        "Xr",
-        "Dq",
-        "Sq",
-        "Pq",
-        "Qq",
-        "Aq",
-        "Bq",
-        "Brq",
-        "It",
-        "Oo",
-        "Oc",
-        "Xo",
-        "Xc",
-        "No",
-        "Ap",
-    ]
-)
 _MDOC_TEXT_MACROS = _MDOC_INLINE | {"Nd", "Dl", "D1", "Sh", "Ss"}
 _HEADING_MACROS = frozenset({"SH", "SS", "Sh", "Ss"})
+_TEXT_MACROS = _FONT_ALTERNATING | _MAN_TEXT_MACROS | _MDOC_TEXT_MACROS
 _PARAGRAPH_MACROS = frozenset({"PP", "P", "LP", "Pp", "sp", "TP", "HP", "br"})
 _ROFF_ARGS = re.compile(r'"((?:[^"]|"")*)"|(\S+)')
 
@@ -529,6 +537,7 @@ def _man_to_text(source: str | None) -> str | None:
     if source is None:
         return None
     out: list[str] = []
+    page_name = ""  # mdoc: a bare ``.Nm`` repeats the first name given
     skip_until_dots = False
     for raw in source.splitlines():
         if skip_until_dots:  # inside a .de / .ig block
@@ -543,20 +552,43 @@ def _man_to_text(source: str | None) -> str | None:
         macro, _, rest = line[1:].strip().partition(" ")
         if macro in ("de", "de1", "am", "ig"):
             skip_until_dots = True
-        elif macro in _PARAGRAPH_MACROS:
+            continue
+        if macro in _PARAGRAPH_MACROS:
             out.append("")
-        elif macro in _FONT_ALTERNATING or macro in _MAN_TEXT_MACROS or macro in _MDOC_TEXT_MACROS:
-            args = [w or q.replace('""', '"') for q, w in _ROFF_ARGS.findall(rest)]
-            if macro in _MDOC_TEXT_MACROS:
-                args = [a for a in args if a not in _MDOC_INLINE]
-            sep = "" if macro in _FONT_ALTERNATING else " "
-            text = _roff_inline(sep.join(args)).strip()
-            if macro in _HEADING_MACROS:
-                out.extend(["", text])
-            elif text:
-                out.append(text)
-    text = "\n".join(out)
-    return re.sub(r"\n{3,}", "\n\n", text)
+            continue
+        if macro not in _TEXT_MACROS:
+            continue
+        args = [w or q.replace('""', '"') for q, w in _ROFF_ARGS.findall(rest)]
+        if macro in _MDOC_TEXT_MACROS:
+            if macro == "Nm":
+                page_name = page_name or (args[0] if args else "")
+                args = args or [page_name]
+            args = _mdoc_words(macro, args)
+        elif macro == "IP":
+            args = args[:1]  # the tag; the second argument is an indent
+        text = _roff_inline(("" if macro in _FONT_ALTERNATING else " ").join(args)).strip()
+        if macro in _HEADING_MACROS:
+            out.extend(["", text])
+        elif text:
+            out.append(text)
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out))
+
+
+def _mdoc_words(macro: str, args: list[str]) -> list[str]:
+    """Drop inline mdoc macro names from arguments, keeping the dash that ``Fl`` stands for."""
+    words: list[str] = []
+    dash = macro == "Fl"
+    for arg in args:
+        if arg in _MDOC_INLINE:
+            if dash:
+                words.append("-")
+            dash = arg == "Fl"
+        else:
+            words.append(f"-{arg}" if dash else arg)
+            dash = False
+    if dash:
+        words.append("-")
+    return words
 
 
 _COLLECTORS: dict[str, Callable[[], tuple[list[_Candidate], list[str]]]] = {

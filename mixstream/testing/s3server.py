@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -79,6 +80,10 @@ UNSET_ENV = (
     "S3_CANNED_ACL",
 )
 _START_ATTEMPTS = 3  # a chosen port can be grabbed by someone else before weed binds it
+# weed usually exits ~1s after SIGTERM, but its volume server sometimes waits minutes for
+# keep-alive connections to drain; the data is disposable, so don't wait for that.
+_STOP_GRACE_SECONDS = 5.0
+_LOG_HEAD_CHARS = 1500  # weed reports bad flags first, then dumps its whole usage text
 _LOG_TAIL_CHARS = 4000
 
 
@@ -142,6 +147,8 @@ class S3Server:
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
         self._ports: dict[str, int] = {}
+        self._log_offset = 0
+        self._probe = ("", "")
         self.startup_seconds: float | None = None
         """Wall time of the last :meth:`start`, from launch until buckets exist."""
 
@@ -272,9 +279,9 @@ class S3Server:
             "no_proxy": no_proxy,
         }
 
-    def subprocess_env(self, base: dict[str, str] | None = None) -> dict[str, str]:
+    def subprocess_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         """A full environment for child processes: ``base`` (default os.environ) + :attr:`env`."""
-        merged = {k: v for k, v in (os.environ if base is None else base).items()}
+        merged = dict(os.environ if base is None else base)
         for name in UNSET_ENV:
             merged.pop(name, None)
         merged.update(self.env)
@@ -297,10 +304,11 @@ class S3Server:
                 else:
                     os.environ[name] = value
 
-    def client(self, **config: Any) -> Any:
+    def client(self, credentials: tuple[str, str] | None = None, **config: Any) -> Any:
         """A boto3 S3 client for this server (path-style addressing, explicit credentials).
 
-        Extra keyword arguments go to ``botocore.config.Config``.
+        ``credentials`` (access key, secret key) default to the server's; extra keyword
+        arguments go to ``botocore.config.Config``.
         """
         import boto3
         from botocore.config import Config
@@ -312,33 +320,38 @@ class S3Server:
             "read_timeout": 60,
         }
         options.update(config)
+        access_key, secret_key = credentials or (self.access_key, self._secret_key)
         session = boto3.session.Session(
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self._secret_key,
-            region_name=REGION,
+            aws_access_key_id=access_key, aws_secret_access_key=secret_key, region_name=REGION
         )
         return session.client("s3", endpoint_url=self.endpoint_url, config=Config(**options))
 
     def create_bucket(self, name: str) -> None:
         """Create ``name``; a bucket that already exists (reused data dir) is fine."""
         client = self.client()
-        try:
+        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=name)
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            pass
 
     # ------------------------------------------------------------------ internals
 
     def _write_identities(self) -> None:
+        # The list-only probe identity is random per start, so readiness polling can only
+        # succeed against *this* weed -- not whatever else may answer on a port that was
+        # grabbed between choosing it and weed binding it (e.g. a parallel session's server
+        # using the same default credentials).
+        self._probe = (f"probe-{secrets.token_hex(8)}", secrets.token_hex(20))
         identities = {
             "identities": [
                 {
                     "name": "mixstream",
-                    "credentials": [
-                        {"accessKey": self.access_key, "secretKey": self._secret_key}
-                    ],
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self._secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                }
+                },
+                {
+                    "name": "readiness-probe",
+                    "credentials": [{"accessKey": self._probe[0], "secretKey": self._probe[1]}],
+                    "actions": ["List"],
+                },
             ]
         }
         path = self.data_dir / "s3-identities.json"
@@ -358,6 +371,8 @@ class S3Server:
             "admin.ui": "false",
             "webdav": "false",
             "master.telemetry": "false",
+            "metricsPort": "0",
+            "s3.metricsPort": "0",
             "volume.preStopSeconds": "0",
         }
         # Global flags before the subcommand: log to stderr (captured in weed.log) instead of
@@ -365,9 +380,7 @@ class S3Server:
         return [str(weed), "-logtostderr", "-v=0", "mini", *(f"-{k}={v}" for k, v in flags.items())]
 
     def _child_env(self) -> dict[str, str]:
-        env = {
-            k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)
-        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env["HOME"] = str(self.data_dir)  # weed reads ~/.seaweedfs/*.toml; keep it hermetic
         return env
 
@@ -378,6 +391,7 @@ class S3Server:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _terminate
         self._log_file.write(f"--- {' '.join(self._command(weed))}\n".encode())
         self._log_file.flush()
+        self._log_offset = self._log_file.tell()
         self._proc = subprocess.Popen(
             self._command(weed),
             cwd=self.data_dir,  # weed also reads ./*.toml
@@ -389,12 +403,19 @@ class S3Server:
         )
 
     def _wait_ready(self, deadline: float) -> None:
-        """Poll a signed ListBuckets until it succeeds; raise on exit or timeout."""
+        """Poll a signed ListBuckets until it succeeds; raise on exit or timeout.
+
+        Short timeouts and no retries: a healthy weed answers in milliseconds, and a hung
+        request must not hide that the process has died meanwhile.
+        """
         from botocore.exceptions import BotoCoreError, ClientError
 
         assert self._proc is not None
         client = self.client(
-            retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5
+            self._probe,
+            retries={"max_attempts": 1, "mode": "standard"},
+            connect_timeout=1,
+            read_timeout=1,
         )
         last_error = "no attempt made"
         while True:
@@ -409,26 +430,26 @@ class S3Server:
             except (BotoCoreError, ClientError) as exc:
                 last_error = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
-                self._terminate()
-                raise RuntimeError(
+                message = (
                     f"SeaweedFS S3 at {self.endpoint_url} not ready after "
-                    f"{self.startup_timeout:.0f}s (last error: {last_error}); "
-                    f"log {self.log_path}:\n{self._log_tail()}"
+                    f"{self.startup_timeout:g}s (last error: {last_error}); "
+                    f"log {self.log_path}:\n"
                 )
+                self._terminate()
+                raise RuntimeError(message + self._log_tail())
             time.sleep(0.05)
 
     def _terminate(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=_STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
@@ -442,12 +463,15 @@ class S3Server:
         self._ports = {}
 
     def _log_tail(self) -> str:
+        """The log of the last launch: all of it if short, else its head and tail."""
         if self._log_file is not None:
             self._log_file.flush()
         try:
-            text = self.log_path.read_bytes()[-_LOG_TAIL_CHARS:]
+            text = self.log_path.read_bytes()[self._log_offset :]
         except OSError as exc:
             return f"(log unreadable: {exc})"
+        if len(text) > _LOG_HEAD_CHARS + _LOG_TAIL_CHARS:
+            text = text[:_LOG_HEAD_CHARS] + b"\n[...]\n" + text[-_LOG_TAIL_CHARS:]
         return text.decode("utf-8", "replace")
 
 
