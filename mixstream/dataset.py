@@ -1,0 +1,514 @@
+"""``DynamicStreamingDataset``: streaming groups from S3 with weights that change mid-epoch.
+
+Built on :class:`streaming.StreamingDataset` for everything it does well -- streams, index
+loading, shard download, decompression, ``cache_limit`` and eviction, all coordinated across
+ranks and workers of a node through its shared memory. What we replace is its epoch
+planning (``__iter__``/``generate_work``/``state_dict``): streaming fixes each stream's
+proportion at construction and materializes an O(samples) plan on every start and resume.
+Here the sample order comes from :class:`mixstream.plan.MixturePlan`, which draws global
+batch by batch from a weight schedule that the trainer may change at any step, and whose
+whole state at any position is O(groups).
+
+Weight changes: :meth:`set_weights` is a collective call from the training loop (rank 0's
+values win) and takes effect at global batch ``step + update_lag``. The lag covers the
+batches the DataLoader may already have asked its workers for, so no prefetched batch is
+ever re-planned. Updates reach the workers through :class:`mixstream.channel.ScheduleChannel`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from streaming import Stream, StreamingDataset
+
+from mixstream import storage
+from mixstream.channel import UNBOUNDED, ScheduleChannel
+from mixstream.manifest import Manifest
+from mixstream.plan import MixturePlan, PlanState
+from mixstream.weights import Weights, WeightSchedule, normalize_weights
+
+__all__ = ["DynamicStreamingDataset", "MixtureStateError"]
+
+log = logging.getLogger(__name__)
+STATE_VERSION = 1
+_REMOTE_SHARD = 0  # streaming's _ShardState.REMOTE
+
+
+class MixtureStateError(ValueError):
+    """A saved state does not belong to this mixture (other streams, seed or batch size)."""
+
+
+@dataclass(frozen=True)
+class _Resume:
+    epoch: int
+    state: PlanState
+
+
+def _default_cache_root(key: str) -> str:
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "mixstream-cache", digest)
+
+
+def _streams_from_manifest(
+    manifest: Manifest, split: str, groups: Sequence[str] | None, cache_root: str | None
+) -> tuple[list[str], list[Stream]]:
+    names = list(groups) if groups is not None else manifest.group_names
+    for name in names:
+        manifest.split(name, split)  # raises a clear error for unknown groups/splits
+    remote = storage.is_remote(manifest.root)
+    root = cache_root or _default_cache_root(f"{manifest.root}|{split}")
+    streams = []
+    for name in names:
+        url = manifest.stream_url(name, split)
+        if remote:
+            streams.append(Stream(remote=url, local=os.path.join(root, name, split)))
+        else:
+            streams.append(Stream(local=url))
+    return names, streams
+
+
+class DynamicStreamingDataset(StreamingDataset):
+    """A mixture of groups whose sampling weights can change during the epoch.
+
+    Args:
+        manifest: a ``mixture.json`` (or the corpus root holding it), local or ``s3://``.
+        streams: alternatively, one ``streaming.Stream`` per group (names via ``groups``).
+        split: which split of the manifest to read (``train``, ``val``, ``test``).
+        groups: subset/order of groups to use (default: all groups of the manifest).
+        weights: initial weights (mapping or vector); ``None`` means uniform ("stratified").
+        batch_size: per-device batch size; the global batch is ``batch_size x world size``.
+        seed: seeds every shuffle; the sample order is a pure function of
+            (seed, streams, global batch size, weight schedule).
+        shuffle: shuffle within groups (block shuffle) and within each global batch.
+        shuffle_block_size: samples per shuffle block; a reader works within one block of
+            each group at a time, so this bounds the shards it touches.
+        epoch_size: samples per epoch (default: all samples of all groups).
+        local: cache directory for remote streams (default: a temp dir keyed by manifest).
+        cache_limit, predownload, download_retry, download_timeout, validate_hash: as in
+            ``StreamingDataset``.
+        num_workers, prefetch_factor: what the DataLoader will use; they set the automatic
+            update lag ``num_workers * prefetch_factor + 1`` (1 with no workers).
+        update_lag: explicit lag in global batches (overrides the automatic one).
+        lockstep: workers never run past the last step the trainer announced through
+            :meth:`set_weights`/:meth:`advance` plus the lag (our Composer algorithms do
+            announce every step). Without it, workers rely on the lag alone and a late update
+            (one for a batch already produced) raises instead of being silently ignored.
+    """
+
+    def __init__(
+        self,
+        *,
+        manifest: str | Manifest | None = None,
+        streams: Sequence[Stream] | None = None,
+        split: str = "train",
+        groups: Sequence[str] | None = None,
+        weights: Weights | None = None,
+        batch_size: int,
+        seed: int = 9176,
+        shuffle: bool = True,
+        shuffle_block_size: int = 1 << 18,
+        epoch_size: int | None = None,
+        local: str | None = None,
+        cache_limit: int | str | None = None,
+        predownload: int | None = None,
+        download_retry: int = 2,
+        download_timeout: float = 60,
+        validate_hash: str | None = None,
+        num_workers: int = 0,
+        prefetch_factor: int = 2,
+        update_lag: int | None = None,
+        lockstep: bool = False,
+    ) -> None:
+        if (manifest is None) == (streams is None):
+            raise ValueError("pass exactly one of manifest= or streams=")
+        if batch_size is None or batch_size <= 0:
+            raise ValueError(f"batch_size (per device) must be positive, got {batch_size}")
+        if manifest is not None:
+            if not isinstance(manifest, Manifest):
+                manifest = Manifest.load(manifest)
+            self.manifest: Manifest | None = manifest
+            names, streams = _streams_from_manifest(manifest, split, groups, local)
+            self._column = manifest.sample.get("column")
+        else:
+            assert streams is not None
+            self.manifest = None
+            names = (
+                list(groups) if groups is not None else [f"group{i}" for i in range(len(streams))]
+            )
+            if len(names) != len(streams):
+                raise ValueError(f"{len(names)} group names for {len(streams)} streams")
+            self._column = None
+        if len(set(names)) != len(names):
+            raise ValueError(f"group names must be unique, got {names}")
+        super().__init__(
+            streams=streams,
+            batch_size=batch_size,
+            shuffle=False,
+            cache_limit=cache_limit,
+            predownload=predownload,
+            download_retry=download_retry,
+            download_timeout=download_timeout,
+            validate_hash=validate_hash,
+        )
+        self.group_names = names
+        self.split = split
+        self.device_batch_size = int(batch_size)
+        self.world_size = self._parallel_rank_world.num_ranks
+        self.global_batch_size = self.device_batch_size * self.world_size
+        self.num_workers = int(num_workers)
+        if update_lag is None:
+            update_lag = self.num_workers * int(prefetch_factor) + 1 if self.num_workers else 1
+        if update_lag < 1:
+            raise ValueError(f"update_lag must be >= 1, got {update_lag}")
+        self.update_lag = int(update_lag)
+        self.lockstep = bool(lockstep)
+        self.seed = int(seed)
+        self.epoch_size = int(epoch_size) if epoch_size is not None else int(self.num_samples)
+        self.batches_per_epoch = self.epoch_size // self.global_batch_size
+        if self.batches_per_epoch < 1:
+            raise ValueError(
+                f"epoch of {self.epoch_size} samples is smaller than one global batch of "
+                f"{self.global_batch_size}; lower batch_size or raise epoch_size"
+            )
+        self.plan = MixturePlan(
+            [int(n) for n in self.samples_per_stream],
+            self.global_batch_size,
+            seed=self.seed,
+            shuffle=shuffle,
+            block_size=shuffle_block_size,
+        )
+        initial = (
+            np.full(len(names), 1.0 / len(names))
+            if weights is None
+            else normalize_weights(weights, names)
+        )
+        self._schedule = WeightSchedule()
+        self._schedule.set(0, initial)
+        self._channel = ScheduleChannel(len(names))
+        self._channel.publish(0, initial)
+        self._step = 0  # last step announced by the trainer (batches consumed)
+        self._state = PlanState.initial(len(names))  # trainer-side plan position (lazy)
+        self._resume: _Resume | None = None
+        self._publish_horizon()
+
+    # ------------------------------------------------------------------ trainer side
+    def __len__(self) -> int:
+        """Samples per epoch on this rank (whole global batches only)."""
+        return self.batches_per_epoch * self.device_batch_size
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Weights in force at the trainer's current step."""
+        return self._as_dict(self._schedule.at(self._step))
+
+    @property
+    def schedule(self) -> list[tuple[int, dict[str, float]]]:
+        """Every weight change so far, as ``(effective global batch, weights)``."""
+        return [(b, self._as_dict(w)) for b, w in self._schedule.entries]
+
+    @property
+    def realized_counts(self) -> dict[str, int]:
+        """Samples drawn per group over all global batches before the current step."""
+        self._state = self.plan.advance(self._state, self._schedule, self._step)
+        return dict(zip(self.group_names, self._state.counts, strict=True))
+
+    def _as_dict(self, vec: np.ndarray) -> dict[str, float]:
+        return {g: float(x) for g, x in zip(self.group_names, vec, strict=True)}
+
+    def _publish_horizon(self) -> None:
+        self._channel.set_horizon(self._step + self.update_lag if self.lockstep else UNBOUNDED)
+
+    def _check_step(self, step: int) -> int:
+        step = int(step)
+        if step < self._step:
+            raise ValueError(
+                f"step {step} is in the past: the dataset was already told about step "
+                f"{self._step}; pass the trainer's current batch count"
+            )
+        return step
+
+    def advance(self, step: int) -> None:
+        """Announce that the trainer has consumed ``step`` global batches (lockstep pacing)."""
+        self._step = self._check_step(step)
+        self._publish_horizon()
+
+    def set_weights(self, weights: Weights, step: int, effective_step: int | None = None) -> int:
+        """Use ``weights`` from global batch ``step + update_lag`` (or a later ``effective_step``).
+
+        Collective: call on every rank; rank 0's weights, step and effective step are
+        broadcast so every rank applies the same change. Returns the effective batch.
+        """
+        payload: Any
+        try:
+            vec = normalize_weights(weights, self.group_names)
+            step = self._check_step(step)
+            earliest = step + self.update_lag
+            effective = earliest if effective_step is None else int(effective_step)
+            if effective < earliest:
+                raise ValueError(
+                    f"effective step {effective} is inside the update lag window: batches "
+                    f"before {earliest} (step {step} + lag {self.update_lag}) may already be "
+                    "prefetched by dataloader workers"
+                )
+            payload = (vec, step, effective)
+        except ValueError as exc:
+            payload = exc
+        payload = _broadcast_from_rank0(payload)
+        if isinstance(payload, BaseException):
+            raise ValueError(str(payload)) from None
+        vec, step, effective = payload
+        self._schedule.set(effective, vec)
+        self._channel.publish(effective, vec)
+        self._step = step
+        self._publish_horizon()
+        return effective
+
+    # ------------------------------------------------------------------ resumption
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """What is needed to continue exactly (Composer's signature; ``num_samples`` is global).
+
+        O(groups + updates): the plan position is a few numbers per group, whatever the
+        position in the run.
+        """
+        if num_samples % self.global_batch_size:
+            log.warning(
+                "state_dict: %d samples is not a whole number of global batches of %d; "
+                "rounding down",
+                num_samples,
+                self.global_batch_size,
+            )
+        batch = self._batch_for(num_samples, from_beginning)
+        base = self._state
+        if (
+            self._resume is not None
+            and self._resume.state.batch <= batch
+            and (base.batch < self._resume.state.batch or base.batch > batch)
+        ):
+            base = self._resume.state
+        if base.batch > batch:
+            base = PlanState.initial(self.plan.num_groups)
+        state = self.plan.advance(base, self._schedule, batch)
+        if state.batch >= self._state.batch:
+            self._state = state
+        return {
+            "version": STATE_VERSION,
+            "epoch": batch // self.batches_per_epoch,
+            "sample_in_epoch": (batch % self.batches_per_epoch) * self.global_batch_size,
+            "plan": state.to_dict(),
+            "schedule": self._schedule.to_list(),
+            "identity": self._identity(),
+            "update_lag": self.update_lag,
+        }
+
+    def _batch_for(self, num_samples: int, from_beginning: bool) -> int:
+        """Global batch index of the checkpoint, from the epoch counter and samples in epoch."""
+        per = self.global_batch_size
+        started = self.next_epoch - 1  # latest epoch whose iteration began (-1: none)
+        if self._resume is not None and self._resume.epoch > started:
+            # Resumed, and the resumed epoch has not started iterating yet.
+            return self._resume.state.batch + (0 if from_beginning else num_samples // per)
+        if not from_beginning and self._resume is not None and self._resume.epoch == started:
+            return self._resume.state.batch + num_samples // per
+        if started < 0:
+            return num_samples // per
+        if num_samples == 0:
+            # Composer saves at sample 0 of an epoch only once the previous epoch ended.
+            return (started + 1) * self.batches_per_epoch
+        return started * self.batches_per_epoch + num_samples // per
+
+    def _identity(self) -> dict[str, Any]:
+        streams = []
+        for name, stream, n in zip(
+            self.group_names, self.streams, self.samples_per_stream, strict=True
+        ):
+            streams.append(
+                {
+                    "group": name,
+                    "source": stream.remote or stream.local,
+                    "samples": int(n),
+                }
+            )
+        return {
+            "streams": streams,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "shuffle": self.plan.shuffle,
+            "shuffle_block_size": self.plan.block_size,
+            "epoch_size": self.epoch_size,
+        }
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        """Continue exactly where ``obj`` was saved, on any world size or worker count."""
+        if not isinstance(obj, Mapping) or obj.get("version") != STATE_VERSION:
+            raise MixtureStateError(
+                "not a DynamicStreamingDataset state (or from another mixstream version); "
+                "was it saved by plain StreamingDataset?"
+            )
+        saved, mine = obj["identity"], self._identity()
+        problems = []
+        for key in ("seed", "global_batch_size", "shuffle", "shuffle_block_size", "epoch_size"):
+            if saved[key] != mine[key]:
+                problems.append(f"{key} {saved[key]} (saved) vs {mine[key]} (now)")
+        old = [(s["group"], s["samples"]) for s in saved["streams"]]
+        new = [(s["group"], s["samples"]) for s in mine["streams"]]
+        if old != new:
+            problems.append(f"streams {old} (saved) vs {new} (now)")
+        if problems:
+            hint = ""
+            if saved["global_batch_size"] != mine["global_batch_size"]:
+                hint = (
+                    "; keep the global batch size when resuming on another world size "
+                    f"(per-device batch = {saved['global_batch_size']} / world size)"
+                )
+            raise MixtureStateError(
+                "cannot resume: the saved state belongs to a different mixture: "
+                + "; ".join(problems)
+                + hint
+            )
+        state = PlanState.from_dict(obj["plan"])
+        self._schedule = WeightSchedule.from_list(obj["schedule"])
+        for batch, vec in self._schedule.entries:
+            self._channel.publish(batch, vec)
+        if int(obj.get("update_lag", self.update_lag)) > self.update_lag:
+            log.warning(
+                "resuming with update_lag %d, smaller than the saved %s",
+                self.update_lag,
+                obj.get("update_lag"),
+            )
+        self._resume = _Resume(state.batch // self.batches_per_epoch, state)
+        self._state = state
+        self._step = state.batch
+        self._publish_horizon()
+
+    # ------------------------------------------------------------------ worker side
+    def _begin_epoch(self) -> tuple[int, PlanState]:
+        """Agree on the epoch with the node's other workers; returns (epoch, start state)."""
+        from filelock import FileLock
+
+        if not hasattr(self._shared_barrier, "lock"):
+            self._shared_barrier.lock = FileLock(self._shared_barrier.filelock_path)
+        presumed = self.next_epoch
+        if self._resume is not None and self._resume.epoch >= presumed:
+            epoch, start = self._resume.epoch, self._resume.state.batch
+        else:
+            epoch, start = presumed, presumed * self.batches_per_epoch
+        self._shared_barrier(self._unique_worker_world.workers_per_node)
+        if self._unique_worker_world.is_local_leader:
+            self.next_epoch = epoch + 1
+        candidates = [PlanState.initial(self.plan.num_groups), self._state]
+        if self._resume is not None:
+            candidates.append(self._resume.state)
+        base = max((s for s in candidates if s.batch <= start), key=lambda s: s.batch)
+        return epoch, base if base.batch == start else self._plan_to(base, start)
+
+    def _plan_to(self, state: PlanState, batch: int) -> PlanState:
+        while state.batch < batch:
+            self._wait_final(state.batch)
+            _, state = self.plan.step(state, self._schedule)
+        return state
+
+    def _wait_final(self, batch: int) -> None:
+        """Make sure the weights for ``batch`` are final and in our copy of the schedule."""
+        if self.lockstep:
+            self._channel.wait_for(batch)
+        late = [b for b in self._channel.sync(self._schedule) if b <= self._planned_through]
+        if late:
+            raise RuntimeError(
+                f"a weight update effective at global batch {min(late)} arrived after batch "
+                f"{self._planned_through} was already planned; raise update_lag "
+                f"(now {self.update_lag}) to at least num_workers * prefetch_factor + 1, "
+                "or call set_weights() before fetching the next batch"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._unique_worker_world = self._unique_rank_world.detect_workers()
+        self._parallel_worker_world = self._parallel_rank_world.detect_workers()
+        worker = self._parallel_worker_world
+        workers_per_rank = worker.workers_per_rank
+        if self.num_workers and workers_per_rank > self.num_workers:
+            raise ValueError(
+                f"the DataLoader runs {workers_per_rank} workers but the dataset was built "
+                f"with num_workers={self.num_workers}; pass the same num_workers to both so "
+                "the update lag covers every prefetched batch"
+            )
+        if not self.num_workers and workers_per_rank > 1 and self.update_lag <= workers_per_rank:
+            raise ValueError(
+                f"the DataLoader runs {workers_per_rank} workers but update_lag is "
+                f"{self.update_lag}; pass num_workers={workers_per_rank} to the dataset"
+            )
+        self._planned_through = -1
+        epoch, state = self._begin_epoch()
+        self._planned_through = state.batch - 1
+        end = (epoch + 1) * self.batches_per_epoch
+        rank = self._parallel_rank_world.rank
+        lo, hi = rank * self.device_batch_size, (rank + 1) * self.device_batch_size
+        first = state.batch
+        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mixstream-prefetch")
+        try:
+            while state.batch < end:
+                self._wait_final(state.batch)
+                draw, state = self.plan.step(state, self._schedule)
+                self._planned_through = draw.batch
+                if (draw.batch - first) % workers_per_rank != worker.worker_of_rank:
+                    continue
+                ids, groups = self.plan.layout(draw, lo, hi)
+                self._prefetch(pool, ids, state)
+                for sample_id, group in zip(ids.tolist(), groups.tolist(), strict=True):
+                    yield self._sample(sample_id, group)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _sample(self, sample_id: int, group: int) -> dict[str, Any]:
+        sample = dict(self[sample_id])
+        ids = sample.get("input_ids")
+        if isinstance(ids, np.ndarray) and ids.dtype != np.int64:
+            sample["input_ids"] = ids.astype(np.int64)
+        sample["group"] = group
+        return sample
+
+    def _shards_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.sample_offset_per_shard, ids, side="right") - 1
+
+    def _prefetch(self, pool: ThreadPoolExecutor, ids: np.ndarray, after: PlanState) -> None:
+        """Fetch this batch's shards concurrently, and start on each group's next shards.
+
+        Look-ahead follows each group's own order, which does not depend on the weights, so it
+        never guesses the mixture; only how far ahead it looks scales with the weights.
+        """
+        states = self._shard_states
+        needed = [int(s) for s in np.unique(self._shards_of(ids)) if states[s] == _REMOTE_SHARD]
+        if needed:
+            wait([pool.submit(self.prepare_shard, s) for s in needed])
+        weights = self._schedule.at(after.batch)
+        budget = self.predownload or 8 * self.device_batch_size
+        for g, w in enumerate(weights):
+            if w <= 0:
+                continue
+            ahead = min(self.plan.group_sizes[g], math.ceil(budget * w) + 1)
+            upcoming = self.plan.group_positions(g, after.counts[g], ahead)
+            for s in np.unique(self._shards_of(upcoming)):
+                if states[int(s)] == _REMOTE_SHARD:
+                    pool.submit(self.prepare_shard, int(s), False)
+
+    def close(self) -> None:
+        """Release this dataset's shared memory (also done at garbage collection)."""
+        self._channel.close()
+
+
+def _broadcast_from_rank0(payload: Any) -> Any:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

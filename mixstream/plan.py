@@ -1,0 +1,162 @@
+"""The global sample order: a pure function of (seed, streams, global batch size, schedule).
+
+Global batch ``k`` is built in three steps:
+
+1. *Counts.* :func:`mixstream.apportion.allocate` turns the weights in force at ``k`` into
+   ``n_g(k)`` samples per group, carrying rounding error across batches.
+2. *Draws.* Group ``g`` contributes the next ``n_g(k)`` positions of its own endless
+   sequence: pass after pass over its samples, each pass a fresh lazy block shuffle
+   (:mod:`mixstream.permutation`) seeded by the pass number. A group's cursor is simply its
+   realized count, so the per-group state is two numbers.
+3. *Layout.* The draws are concatenated in group order and, when shuffling, permuted within
+   the batch (seeded by ``k``) so every rank's slice is a fair sample of the mixture. Rank
+   ``r`` of ``R`` takes positions ``[r*b, (r+1)*b)``.
+
+Nothing depends on the number of ranks or dataloader workers, so the sequence is the same
+for any layout with the same global batch size, and the whole state needed to continue from
+batch ``k`` is :class:`PlanState`: O(groups), whatever the position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from mixstream.apportion import advance_targets, allocate
+from mixstream.permutation import BlockShuffle
+from mixstream.weights import WeightSchedule
+
+__all__ = ["BatchDraw", "MixturePlan", "PlanState"]
+
+_LAYOUT_STREAM = 1 << 20  # permutation stream id for in-batch layouts, apart from group ids
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """Where the sequence stands before global batch ``batch``."""
+
+    batch: int
+    targets: tuple[float, ...]
+    counts: tuple[int, ...]
+
+    @classmethod
+    def initial(cls, num_groups: int) -> PlanState:
+        return cls(0, (0.0,) * num_groups, (0,) * num_groups)
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "targets": list(self.targets), "counts": list(self.counts)}
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> PlanState:
+        return cls(
+            int(obj["batch"]),
+            tuple(float(x) for x in obj["targets"]),
+            tuple(int(x) for x in obj["counts"]),
+        )
+
+
+@dataclass(frozen=True)
+class BatchDraw:
+    """One global batch: per-group counts and each group's cursor before the batch."""
+
+    batch: int
+    counts: tuple[int, ...]
+    cursors: tuple[int, ...]
+
+
+class MixturePlan:
+    """Maps global batches to sample ids for a fixed set of groups."""
+
+    def __init__(
+        self,
+        group_sizes: Sequence[int],
+        global_batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        block_size: int = 1 << 18,
+    ) -> None:
+        if not group_sizes or min(group_sizes) <= 0:
+            raise ValueError(f"every group needs at least one sample, got sizes {group_sizes}")
+        if global_batch_size <= 0:
+            raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+        self.group_sizes = tuple(int(n) for n in group_sizes)
+        self.offsets = np.concatenate([[0], np.cumsum(self.group_sizes)[:-1]]).astype(np.int64)
+        self.global_batch_size = int(global_batch_size)
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.block_size = int(block_size)
+        self._passes: dict[tuple[int, int], BlockShuffle] = {}
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_sizes)
+
+    def step(self, state: PlanState, schedule: WeightSchedule) -> tuple[BatchDraw, PlanState]:
+        """Draw batch ``state.batch`` and return the state before the next one."""
+        weights = schedule.at(state.batch)
+        n = allocate(state.targets, state.counts, weights, self.global_batch_size)
+        draw = BatchDraw(state.batch, tuple(n), state.counts)
+        targets = advance_targets(np.asarray(state.targets), weights, self.global_batch_size)
+        counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
+        return draw, PlanState(state.batch + 1, tuple(float(t) for t in targets), counts)
+
+    def advance(self, state: PlanState, schedule: WeightSchedule, batch: int) -> PlanState:
+        """Step from ``state`` to just before global batch ``batch``."""
+        if batch < state.batch:
+            raise ValueError(f"cannot step back from batch {state.batch} to {batch}")
+        while state.batch < batch:
+            _, state = self.step(state, schedule)
+        return state
+
+    def _pass(self, group: int, epoch: int) -> BlockShuffle:
+        key = (group, epoch)
+        perm = self._passes.get(key)
+        if perm is None:
+            if len(self._passes) > 4 * self.num_groups:
+                self._passes.clear()
+            perm = BlockShuffle(
+                self.group_sizes[group],
+                self.block_size,
+                self.seed,
+                stream=group,
+                epoch=epoch,
+                shuffle=self.shuffle,
+            )
+            self._passes[key] = perm
+        return perm
+
+    def group_positions(self, group: int, start: int, count: int) -> np.ndarray:
+        """Sample ids (global, across groups) of positions ``[start, start+count)`` of a group."""
+        size = self.group_sizes[group]
+        positions = np.arange(start, start + count, dtype=np.int64)
+        out = np.empty(count, dtype=np.int64)
+        epochs = positions // size
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            out[mask] = self._pass(group, int(epoch))(positions[mask] - epoch * size)
+        return out + self.offsets[group]
+
+    def layout(self, draw: BatchDraw, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sample ids, group ids) for positions ``[lo, hi)`` of a drawn global batch."""
+        B = self.global_batch_size
+        if not 0 <= lo <= hi <= B:
+            raise ValueError(f"slice [{lo}, {hi}) is outside the global batch of {B}")
+        slots = np.arange(lo, hi, dtype=np.int64)
+        if self.shuffle:
+            order = BlockShuffle(B, B, self.seed, stream=_LAYOUT_STREAM, epoch=draw.batch)
+            slots = np.asarray(order(slots), dtype=np.int64)
+        bounds = np.cumsum(draw.counts)
+        groups = np.searchsorted(bounds, slots, side="right").astype(np.int64)
+        starts = bounds - np.asarray(draw.counts)
+        ids = np.empty(len(slots), dtype=np.int64)
+        for g in np.unique(groups):
+            mask = groups == g
+            within = slots[mask] - starts[g]
+            first = int(within.min())
+            span = self.group_positions(
+                int(g), draw.cursors[g] + first, int(within.max()) - first + 1
+            )
+            ids[mask] = span[within - first]
+        return ids, groups

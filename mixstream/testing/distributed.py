@@ -1,0 +1,103 @@
+"""Run a function on N real ranks (processes, torch.distributed gloo on loopback).
+
+Used by tests and benchmarks to exercise multi-rank and simulated multi-node behaviour with
+real processes. Each rank gets the environment a launcher would set (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``, ``MASTER_ADDR``,
+``MASTER_PORT``), which both ``torch.distributed`` and ``streaming`` read.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["free_port", "run_ranks"]
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _entry(
+    fn: Callable[..., Any],
+    rank: int,
+    env: dict[str, str],
+    args: tuple[Any, ...],
+    queue: Any,
+) -> None:
+    os.environ.update(env)
+    try:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", rank=rank, world_size=int(env["WORLD_SIZE"]))
+        try:
+            result = fn(rank, *args)
+        finally:
+            dist.destroy_process_group()
+        queue.put((rank, True, result))
+    except BaseException:
+        queue.put((rank, False, traceback.format_exc()))
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    ranks_per_node: int | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> list[Any]:
+    """Run ``fn(rank, *args)`` on ``world_size`` spawned ranks; returns results by rank.
+
+    ``ranks_per_node`` < ``world_size`` simulates several nodes on this machine (each
+    "node" should then use its own cache directory, as separate machines would). ``fn``
+    must be importable (module-level) since ranks are spawned.
+    """
+    ranks_per_node = ranks_per_node or world_size
+    if world_size % ranks_per_node:
+        raise ValueError(f"world_size {world_size} is not a multiple of {ranks_per_node}")
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = str(free_port())
+    procs = []
+    for rank in range(world_size):
+        rank_env = {
+            **(env or {}),
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank % ranks_per_node),
+            "LOCAL_WORLD_SIZE": str(ranks_per_node),
+            "NODE_RANK": str(rank // ranks_per_node),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        proc = ctx.Process(target=_entry, args=(fn, rank, rank_env, args, queue))
+        proc.start()
+        procs.append(proc)
+    results: dict[int, Any] = {}
+    errors = []
+    try:
+        for _ in range(world_size):
+            rank, ok, value = queue.get(timeout=timeout)
+            if ok:
+                results[rank] = value
+            else:
+                errors.append(f"rank {rank} failed:\n{value}")
+                break
+    finally:
+        # Let ranks exit on their own so their shared memory and dataloader workers are
+        # cleaned up before the next run starts; kill only stragglers after a failure.
+        for proc in procs:
+            proc.join(timeout=2 if errors else 120)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    if errors:
+        raise RuntimeError("\n".join(errors))
+    return [results[r] for r in range(world_size)]

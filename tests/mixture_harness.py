@@ -1,0 +1,128 @@
+"""Helpers shared by the dataset tests: a small multi-group corpus and a training-loop stand-in.
+
+Rank functions live here (a plain module) so spawned rank processes can import them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+GROUPS = ("alpha", "beta", "gamma")
+
+
+def write_corpus(folder: Path, docs_per_group: int = 300, seed: int = 0) -> list[Path]:
+    """One JSONL file per group of distinct, group-flavoured documents."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for g in GROUPS:
+        path = folder / f"{g}.jsonl"
+        with path.open("w") as f:
+            for i in range(docs_per_group):
+                words = " ".join(f"{g}{rng.randint(0, 9999)}" for _ in range(rng.randint(8, 50)))
+                f.write(json.dumps({"text": f"{g} document {i}: {words}"}) + "\n")
+        paths.append(path)
+    return paths
+
+
+def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
+    from shard_tools import ConvertOptions, InputSpec, convert
+
+    convert(
+        [InputSpec(str(corpus / f"{g}.jsonl"), g) for g in GROUPS],
+        out,
+        ConvertOptions(
+            tokenizer="byte",
+            seq_len=seq_len,
+            shard_size="16kb",
+            val_fraction=0.05,
+            test_fraction=0.05,
+            chunk_bytes=40_000,
+            progress=False,
+        ),
+    )
+
+
+def fingerprint(row: Any) -> int:
+    return xxhash.xxh64_intdigest(row.numpy().tobytes())
+
+
+@dataclass
+class LoopSpec:
+    """A training loop stand-in: consume batches, change weights at given steps."""
+
+    manifest: str
+    global_batch: int
+    steps: int
+    num_workers: int = 0
+    update_lag: int = 5
+    seed: int = 7
+    changes: dict[int, dict[str, float]] = field(default_factory=dict)
+    save_at: int | None = None
+    resume_state: dict | None = None
+    start_step: int = 0
+    local: str | None = None
+    lockstep: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
+    """Returns this rank's per-step fingerprints and groups (and a state if ``save_at``)."""
+    import os
+
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader
+
+    from mixstream import DynamicStreamingDataset
+
+    os.environ.update(spec.env)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    ds = DynamicStreamingDataset(
+        manifest=spec.manifest,
+        batch_size=spec.global_batch // world,
+        num_workers=spec.num_workers,
+        update_lag=spec.update_lag,
+        seed=spec.seed,
+        local=spec.local,
+        lockstep=spec.lockstep,
+    )
+    if spec.resume_state is not None:
+        ds.load_state_dict(spec.resume_state)
+    loader = DataLoader(
+        ds,
+        batch_size=spec.global_batch // world,
+        num_workers=spec.num_workers,
+        prefetch_factor=2 if spec.num_workers else None,
+    )
+    prints: list[list[int]] = []
+    groups: list[list[int]] = []
+    state = None
+    step = spec.start_step
+    if spec.steps > spec.start_step:
+        for batch in loader:
+            step += 1
+            prints.append([fingerprint(r) for r in batch["input_ids"]])
+            groups.append(batch["group"].tolist())
+            if spec.lockstep:
+                ds.advance(step)
+            if step in spec.changes:
+                ds.set_weights(spec.changes[step], step=step)
+            if step == spec.save_at:
+                state = ds.state_dict(step * spec.global_batch, True)
+            if step >= spec.steps:
+                break
+    result = {"prints": prints, "groups": groups, "state": state, "counts": ds.realized_counts}
+    ds.close()
+    return result
+
+
+def global_sequence(per_rank: list[dict[str, Any]], key: str = "prints") -> list[list[int]]:
+    """Concatenate ranks' slices of each step into the global batch."""
+    steps = len(per_rank[0][key])
+    return [[x for r in per_rank for x in r[key][s]] for s in range(steps)]

@@ -1,0 +1,212 @@
+"""DynamicStreamingDataset: determinism across layouts, exact resume, live reweighting, errors.
+
+Real processes throughout: ranks are spawned with torch.distributed (gloo, loopback), data
+loaders use real worker processes, and the streams live on the embedded SeaweedFS server.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from pathlib import Path
+
+import pytest
+from mixture_harness import (
+    GROUPS,
+    LoopSpec,
+    convert_corpus,
+    global_sequence,
+    run_loop,
+    write_corpus,
+)
+
+from mixstream import DynamicStreamingDataset, MixtureStateError
+from mixstream.testing.distributed import run_ranks
+
+CHANGES = {
+    3: {"alpha": 0.7, "beta": 0.2, "gamma": 0.1},
+    9: {"alpha": 0.0, "beta": 1.0, "gamma": 0.0},
+    14: {"alpha": 0.01, "beta": 0.49, "gamma": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def local_mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("mixture")
+    write_corpus(root / "corpus")
+    out = root / "out"
+    convert_corpus(root / "corpus", str(out))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def s3_mixture(tmp_path_factory: pytest.TempPathFactory, s3_server) -> tuple[str, dict[str, str]]:
+    root = tmp_path_factory.mktemp("s3mixture")
+    write_corpus(root / "corpus")
+    with s3_server.apply_env():
+        url = "s3://mixstream/dataset-tests"
+        convert_corpus(root / "corpus", url)
+    return url, dict(s3_server.env)
+
+
+def spec_for(mixture: tuple[str, dict[str, str]], tmp: Path, **kw: object) -> LoopSpec:
+    url, env = mixture
+    base = LoopSpec(manifest=url, global_batch=8, steps=20, changes=CHANGES, env=env)
+    return dataclasses.replace(base, local=str(tmp / "cache"), **kw)
+
+
+def test_same_global_sequence_for_every_world_size_and_worker_count(
+    s3_mixture: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    reference = None
+    for world, workers in [(1, 0), (1, 2), (2, 0), (2, 2), (4, 0), (4, 2)]:
+        spec = spec_for(s3_mixture, tmp_path / f"{world}-{workers}", num_workers=workers)
+        per_rank = run_ranks(run_loop, world, spec, env=spec.env)
+        sequence = global_sequence(per_rank)
+        assert len(sequence) == spec.steps and all(len(b) == 8 for b in sequence)
+        if reference is None:
+            reference = sequence
+        assert sequence == reference, f"world {world} x {workers} workers diverged"
+
+
+def test_weight_changes_take_effect_after_the_lag(local_mixture: str) -> None:
+    spec = LoopSpec(manifest=local_mixture, global_batch=8, steps=20, changes=CHANGES)
+    result = run_loop(0, spec)
+    groups = result["groups"]
+    # set_weights at step 9 (lag 5) makes batches 14.. (0-based) beta only until the next
+    # change, which lands at batch 19.
+    assert all(g == 1 for batch in groups[14:19] for g in batch)
+    assert any(g != 1 for g in groups[13])
+    # realized_counts reports the draws before the last step the dataset was told about (14).
+    drawn = collections.Counter(g for batch in groups[:14] for g in batch)
+    assert result["counts"] == {name: drawn[i] for i, name in enumerate(GROUPS)}
+
+
+@pytest.mark.parametrize(("save_at", "world", "workers"), [(9, 2, 2), (12, 1, 0), (14, 4, 0)])
+def test_resume_continues_the_exact_sequence(
+    s3_mixture: tuple[str, dict[str, str]],
+    tmp_path: Path,
+    save_at: int,
+    world: int,
+    workers: int,
+) -> None:
+    """Save mid-epoch (also right after a set_weights whose effect is pending), resume on
+    another layout in fresh processes, and get exactly the uninterrupted continuation."""
+    full = spec_for(s3_mixture, tmp_path / "full", num_workers=2, steps=24, save_at=save_at)
+    uninterrupted = run_ranks(run_loop, 2, full, env=full.env)
+    state = uninterrupted[0]["state"]
+    assert state["plan"]["batch"] == save_at
+    pending = [b for b, _ in state["schedule"] if b > save_at]
+    if save_at in CHANGES:
+        assert pending, "the checkpoint should hold the update that is still in the lag window"
+    resumed = spec_for(
+        s3_mixture,
+        tmp_path / "resumed",
+        num_workers=workers,
+        steps=24,
+        start_step=save_at,
+        resume_state=state,
+    )
+    continuation = global_sequence(run_ranks(run_loop, world, resumed, env=resumed.env))
+    assert continuation == global_sequence(uninterrupted)[save_at:]
+
+
+def test_within_a_pass_no_sample_repeats_or_is_skipped(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=16, seed=3)
+    try:
+        plan, sizes = ds.plan, ds.plan.group_sizes
+        state = ds._state
+        seen: dict[int, list[int]] = {g: [] for g in range(len(sizes))}
+        while min(state.counts) < max(sizes) + 5:
+            draw, state = plan.step(state, ds._schedule)
+            ids, groups = plan.layout(draw, 0, 16)
+            for g, n in enumerate(draw.counts):
+                drawn = plan.group_positions(g, draw.cursors[g], n)
+                # The batch holds exactly the group's next positions, in shuffled slots.
+                assert sorted(ids[groups == g].tolist()) == sorted(drawn.tolist())
+                seen[g].extend(drawn.tolist())
+        for g, ids in seen.items():
+            first_pass, second = ids[: sizes[g]], ids[sizes[g] :]
+            offset = int(plan.offsets[g])
+            assert sorted(first_pass) == list(range(offset, offset + sizes[g]))
+            assert second != first_pass[: len(second)]  # the next pass is a fresh shuffle
+    finally:
+        ds.close()
+
+
+def test_zero_weight_groups_are_never_drawn(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(
+        manifest=local_mixture, batch_size=8, weights={"alpha": 1.0, "gamma": 0.0}
+    )
+    try:
+        groups = {int(s["group"]) for _, s in zip(range(200), ds, strict=False)}
+        assert groups == {0}
+    finally:
+        ds.close()
+
+
+def test_bad_set_weights_calls_raise_clear_errors(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, update_lag=3)
+    try:
+        cases = [
+            ([1, 2], 0, None, "got 2 weights for 3 groups"),
+            ([1, -1, 1], 0, None, "negative"),
+            ([1, float("nan"), 1], 0, None, "finite"),
+            ([0, 0, 0], 0, None, "all zero"),
+            ({"delta": 1}, 0, None, "unknown group"),
+            ([1, 1, 1], 10, 11, "inside the update lag window"),
+        ]
+        for weights, step, effective, message in cases:
+            with pytest.raises(ValueError, match=message):
+                ds.set_weights(weights, step=step, effective_step=effective)
+        ds.set_weights([1, 1, 1], step=10)
+        with pytest.raises(ValueError, match="in the past"):
+            ds.set_weights([1, 1, 1], step=9)
+        assert ds.set_weights([1, 0, 0], step=10, effective_step=20) == 20
+        assert [b for b, _ in ds.schedule] == [0, 13, 20]
+    finally:
+        ds.close()
+
+
+def test_state_from_another_mixture_is_rejected(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, seed=1)
+    state = ds.state_dict(0, True)
+    ds.close()
+    for kwargs, message in [
+        ({"seed": 2}, "seed 1 \\(saved\\) vs 2"),
+        ({"batch_size": 8, "seed": 1}, "global_batch_size 4 \\(saved\\) vs 8"),
+        ({"groups": ["alpha", "beta"], "seed": 1}, "streams"),
+    ]:
+        other = DynamicStreamingDataset(manifest=local_mixture, **{"batch_size": 4, **kwargs})
+        try:
+            with pytest.raises(MixtureStateError, match=message):
+                other.load_state_dict(state)
+        finally:
+            other.close()
+    other = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, seed=1)
+    try:
+        with pytest.raises(MixtureStateError, match="not a DynamicStreamingDataset state"):
+            other.load_state_dict({"epoch": 0, "sample_in_epoch": 0})
+    finally:
+        other.close()
+
+
+def test_resume_planning_cost_does_not_depend_on_position(local_mixture: str) -> None:
+    """A state far into training resumes without replaying anything before it."""
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=8, seed=5)
+    try:
+        batch = 10**9 // 8
+        state = ds.state_dict(0, True)
+        state["plan"] = {
+            "batch": batch,
+            "targets": [batch * 8 / 3] * 3,
+            "counts": [round(batch * 8 / 3)] * 3,
+        }
+        state["epoch"] = batch // ds.batches_per_epoch
+        ds.load_state_dict(state)
+        first = next(iter(ds))
+        assert "input_ids" in first and first["group"] in (0, 1, 2)
+        in_epoch = (batch % ds.batches_per_epoch) * 8
+        assert ds.state_dict(in_epoch, True)["plan"]["batch"] == batch
+    finally:
+        ds.close()
