@@ -60,9 +60,9 @@ def make_docs(n: int, seed: int = 0, tag: str = "doc", min_words: int = 5) -> li
     return docs
 
 
-def write_jsonl(path: Path, records: Iterable[Any], compression: str | None = None) -> Path:
-    """One JSON value per line; ``compression`` is None, ``"gz"`` or ``"zst"``."""
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+def write_lines(path: Path, lines: Iterable[str], compression: str | None = None) -> Path:
+    """Text lines, each ended by a newline; ``compression`` is None, ``"gz"`` or ``"zst"``."""
+    data = "".join(line + "\n" for line in lines).encode()
     if compression == "gz":
         data = gzip.compress(data, mtime=0)
     elif compression == "zst":
@@ -70,6 +70,11 @@ def write_jsonl(path: Path, records: Iterable[Any], compression: str | None = No
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def write_jsonl(path: Path, records: Iterable[Any], compression: str | None = None) -> Path:
+    """One JSON value per line (see :func:`write_lines`)."""
+    return write_lines(path, (json.dumps(r, ensure_ascii=False) for r in records), compression)
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:

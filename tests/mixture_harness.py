@@ -69,6 +69,8 @@ class LoopSpec:
     start_step: int = 0
     local: str | None = None
     lockstep: bool = False
+    epoch_size: int | None = None
+    epochs: int = 1
     env: dict[str, str] = field(default_factory=dict)
 
 
@@ -83,14 +85,17 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
 
     os.environ.update(spec.env)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    # One cache per (simulated) node, as separate machines would have.
+    local = spec.local and os.path.join(spec.local, f"node{os.environ.get('NODE_RANK', '0')}")
     ds = DynamicStreamingDataset(
         manifest=spec.manifest,
         batch_size=spec.global_batch // world,
         num_workers=spec.num_workers,
         update_lag=spec.update_lag,
         seed=spec.seed,
-        local=spec.local,
+        local=local,
         lockstep=spec.lockstep,
+        epoch_size=spec.epoch_size,
     )
     if spec.resume_state is not None:
         ds.load_state_dict(spec.resume_state)
@@ -104,7 +109,9 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
     groups: list[list[int]] = []
     state = None
     step = spec.start_step
-    if spec.steps > spec.start_step:
+    for _ in range(spec.epochs):
+        if step >= spec.steps:
+            break
         for batch in loader:
             step += 1
             prints.append([fingerprint(r) for r in batch["input_ids"]])

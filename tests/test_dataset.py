@@ -59,14 +59,15 @@ def test_same_global_sequence_for_every_world_size_and_worker_count(
     s3_mixture: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
     reference = None
-    for world, workers in [(1, 0), (1, 2), (2, 0), (2, 2), (4, 0), (4, 2)]:
+    layouts = [(1, 0, 1), (1, 2, 1), (2, 0, 2), (2, 2, 2), (4, 0, 4), (4, 2, 4)]
+    for world, workers, per_node in layouts:
         spec = spec_for(s3_mixture, tmp_path / f"{world}-{workers}", num_workers=workers)
-        per_rank = run_ranks(run_loop, world, spec, env=spec.env)
+        per_rank = run_ranks(run_loop, world, spec, ranks_per_node=per_node, env=spec.env)
         sequence = global_sequence(per_rank)
         assert len(sequence) == spec.steps and all(len(b) == 8 for b in sequence)
         if reference is None:
             reference = sequence
-        assert sequence == reference, f"world {world} x {workers} workers diverged"
+        assert sequence == reference, f"{world} ranks ({per_node}/node) x {workers} workers"
 
 
 def test_weight_changes_take_effect_after_the_lag(local_mixture: str) -> None:
@@ -109,6 +110,21 @@ def test_resume_continues_the_exact_sequence(
     )
     continuation = global_sequence(run_ranks(run_loop, world, resumed, env=resumed.env))
     assert continuation == global_sequence(uninterrupted)[save_at:]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_epochs_continue_one_global_sequence(local_mixture: str, workers: int) -> None:
+    """Short epochs (a fresh iterator, fresh workers each) continue where the last one ended."""
+    reference = run_loop(0, LoopSpec(manifest=local_mixture, global_batch=8, steps=15))
+    spec = LoopSpec(
+        manifest=local_mixture,
+        global_batch=8,
+        steps=15,
+        epoch_size=5 * 8,
+        epochs=3,
+        num_workers=workers,
+    )
+    assert run_loop(0, spec)["prints"] == reference["prints"]
 
 
 def test_within_a_pass_no_sample_repeats_or_is_skipped(local_mixture: str) -> None:
