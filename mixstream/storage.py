@@ -14,6 +14,7 @@ destination that works here works for the dataset too.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import urllib.parse
@@ -70,7 +71,7 @@ def _endpoint() -> str:
 
 
 @lru_cache(maxsize=8)
-def _cached_client(endpoint: str | None, key_id: str | None, region: str | None) -> Any:
+def _cached_client(endpoint: str | None, credentials: str, region: str | None) -> Any:
     import boto3
     from botocore.config import Config
 
@@ -83,12 +84,17 @@ def _cached_client(endpoint: str | None, key_id: str | None, region: str | None)
 def s3_client() -> Any:
     """A boto3 S3 client configured from the environment, as streaming configures its own.
 
-    Cached per (endpoint, access key id, region) so changing the environment -- as tests
-    and the embedded server do -- yields a fresh client.
+    Cached per (endpoint, credentials, region) so changing the environment -- as tests
+    and the embedded server do -- yields a fresh client. The credentials enter the cache
+    key only as a digest.
     """
+    secret = "|".join(
+        os.environ.get(k, "")
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    )
     return _cached_client(
         os.environ.get("S3_ENDPOINT_URL") or None,
-        os.environ.get("AWS_ACCESS_KEY_ID"),
+        hashlib.sha256(secret.encode()).hexdigest(),
         os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
     )
 

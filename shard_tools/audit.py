@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import xxhash
-import zstandard
 
 from mixstream import storage
 from mixstream.manifest import Manifest
@@ -155,10 +154,12 @@ def _verify_shard(stream_url: str, entry: dict[str, Any]) -> list[str]:
     if problems:
         return problems
     if zip_info:
+        from streaming.base.compression import decompress
+
         try:
-            data = zstandard.ZstdDecompressor().decompress(data)
-        except zstandard.ZstdError as exc:
-            return [f"{name}: cannot decompress ({exc})"]
+            data = decompress(entry["compression"], data)
+        except Exception as exc:  # each codec raises its own error type
+            return [f"{name}: cannot decompress {entry['compression']} data ({exc})"]
         problems = _check_hashes(f"{name} (decompressed)", data, raw_info)
         if problems:
             return problems

@@ -178,7 +178,10 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
     tasks = plan_tasks([InputSpec(p, group="all") for p in args.inputs], options)
     stats = ReadStats()
     texts = (doc.text for task in tasks for doc in read_documents(task, options, stats))
-    path = train_bpe(texts, args.vocab_size, args.out)
+    try:
+        path = train_bpe(texts, args.vocab_size, args.out)
+    except ValueError as exc:
+        raise InputError(str(exc)) from None
     print(f"wrote {path} (vocab {args.vocab_size})")
     return 0
 
@@ -193,7 +196,13 @@ COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Inputs may follow options (`convert OUT --group-field f a.jsonl b.jsonl`).
+    if args.command == "convert" and not any(e.startswith("-") for e in extra):
+        args.inputs += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=os.environ.get("MIXSTREAM_LOG_LEVEL", "WARNING"))
     try:
         return COMMANDS[args.command](args)

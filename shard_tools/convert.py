@@ -226,7 +226,7 @@ def _resolve_layout(options: ConvertOptions) -> tuple[_Layout, dict[str, Any] | 
         return _Layout({TEXT_COLUMN: "str"}, None, None), None
     try:
         tok = _tokenizer(TokenizerSpec(options.tokenizer, options.eos_token))
-        dtype = token_dtype(tok.vocab_size, options.dtype)
+        dtype = token_dtype(tok.id_bound, options.dtype)
     except ValueError as exc:
         raise ConvertError(str(exc)) from None
     info = tok.describe()

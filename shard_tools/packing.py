@@ -40,6 +40,11 @@ class SequencePacker:
 
     def add(self, ids: np.ndarray) -> Iterator[np.ndarray]:
         """Add one document's token ids; yields every sequence that became complete."""
+        if len(ids) and (ids.max() > np.iinfo(self.dtype).max or ids.min() < 0):
+            raise ValueError(
+                f"token id {int(ids.max())} does not fit in {self.dtype}; the tokenizer "
+                "produced an id outside its declared vocabulary"
+            )
         self._parts.append(ids.astype(self.dtype, copy=False))
         self._parts.append(self._eos)
         self._size += len(ids) + 1

@@ -279,18 +279,45 @@ def _record_to_document(
     return Document(text, group)
 
 
+def _zstd_lines(path: str) -> Iterator[bytes]:
+    """Lines of a (possibly multi-frame) zstd file; a truncated last frame is an error.
+
+    zstandard's ``stream_reader`` ends quietly at a cut-off frame, which would turn a
+    truncated download into silently missing documents.
+    """
+    pending = b""
+    with open(path, "rb") as f:
+        decomp, fed = zstandard.ZstdDecompressor().decompressobj(), False
+        while chunk := f.read(1 << 20):
+            while chunk:
+                pending += decomp.decompress(chunk)
+                fed = True
+                if decomp.eof:
+                    chunk = decomp.unused_data
+                    decomp, fed = zstandard.ZstdDecompressor().decompressobj(), False
+                else:
+                    chunk = b""
+            *lines, pending = pending.split(b"\n")
+            yield from (line + b"\n" for line in lines)
+        if fed:
+            raise InputError(f"{path}: cannot read (truncated zstd stream: the file is incomplete)")
+    if pending:
+        yield pending
+
+
 def _open_jsonl(task: Task) -> io.BufferedIOBase:
     path = task.files[0]
     if task.format == "jsonl.gz":
         return gzip.open(path, "rb")  # type: ignore[return-value]
-    if task.format == "jsonl.zst":
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
     f = open(path, "rb")  # noqa: SIM115 - the caller closes it
     f.seek(task.start)
     return f
 
 
 def _iter_jsonl(task: Task) -> Iterator[tuple[int, bytes]]:
+    if task.format == "jsonl.zst":
+        yield from enumerate(_zstd_lines(task.files[0]), start=task.first_line)
+        return
     remaining = None if task.end is None else task.end - task.start
     with _open_jsonl(task) as f:
         for number, line in enumerate(f, start=task.first_line):

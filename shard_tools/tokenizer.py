@@ -36,6 +36,7 @@ EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 class Tokenizer(Protocol):
     vocab_size: int
     eos_id: int
+    id_bound: int  # one more than the largest token id (vocabularies may have gaps)
 
     def encode(self, text: str) -> np.ndarray: ...
 
@@ -47,6 +48,7 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_id = 256
+    id_bound = 257
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
@@ -79,6 +81,8 @@ class HFTokenizer:
                     "name (offline?); pass a path to tokenizer.json or --tokenizer byte"
                 ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.id_bound = max(vocab.values(), default=-1) + 1
         self.eos_id = self._resolve_eos(eos_token)
 
     def _resolve_eos(self, eos_token: str | None) -> int:
@@ -121,7 +125,11 @@ def load_tokenizer(name: str = BYTE, eos_token: str | None = None) -> Tokenizer:
 
 
 def token_dtype(vocab_size: int, requested: str | None = None) -> str:
-    """The narrowest unsigned dtype that holds every token id, or the requested one if it fits."""
+    """The narrowest unsigned dtype that holds every token id, or the requested one if it fits.
+
+    ``vocab_size`` must bound the ids (largest id + 1), not count them: vocabularies can
+    have gaps.
+    """
     limits = {"uint16": 1 << 16, "uint32": 1 << 32}
     if requested is not None:
         if requested not in limits:

@@ -516,15 +516,7 @@ def test_malformed_line_number_in_a_compressed_file(compression: str, tmp_path: 
     "compression",
     [
         "gz",
-        pytest.param(
-            "zst",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: a truncated .jsonl.zst reads as a shorter file without error "
-                "(zstandard stream_reader does not check the frame ended); here the whole "
-                "file silently yields no documents",
-            ),
-        ),
+        "zst",
     ],
 )
 def test_truncated_compressed_file_is_a_read_error(compression: str, tmp_path: Path) -> None:
@@ -752,11 +744,6 @@ def test_large_vocabulary_gets_uint32_and_exact_ids(
     assert np.array_equal(got, flat[: len(flat) // 16 * 16])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: dtype is chosen from get_vocab_size(), not the largest id; ids above 65535 "
-    "in a vocabulary with holes are silently truncated to uint16 (SequencePacker.astype)",
-)
 def test_token_ids_beyond_vocab_size_are_never_truncated(tmp_path: Path, scratch: Path) -> None:
     tok = _word_level_tokenizer(
         tmp_path / "sparse.json", {"<|endoftext|>": 0, "[UNK]": 1, "hello": 2, "big": 70_000}
@@ -914,11 +901,6 @@ def test_verify_detects_index_and_manifest_disagreeing(
     assert any("holds" in p and "index says" in p for p in problems), problems
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: audit._verify_shard always decompresses with zstd, so verify fails on any "
-    "other --compression that convert accepts (gz, bz2, br, snappy)",
-)
 def test_verify_understands_every_compression_convert_writes(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(100, 91)])
     convert([InputSpec(str(path), "a")], tmp_path / "out", options(compression="gz"))
@@ -1041,11 +1023,6 @@ def test_wrong_secret_key_is_a_credentials_error_without_secrets(
     assert storage.list_files(s3_prefix) == []  # nothing was written
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: storage._cached_client is keyed without the secret key, so a changed "
-    "AWS_SECRET_ACCESS_KEY keeps using the client built with the old one",
-)
 def test_changed_secret_key_is_used(
     s3_env: S3Server,
     s3_prefix: str,

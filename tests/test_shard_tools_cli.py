@@ -194,11 +194,6 @@ def test_convert_errors_are_one_line(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: convert's positional inputs (nargs='*') are only accepted before the first "
-    "option; `convert OUT --group-field F IN` fails with 'unrecognized arguments: IN'",
-)
 def test_inputs_may_follow_options(
     corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -269,11 +264,6 @@ def test_train_tokenizer_then_convert_with_it(
     assert main(["verify", str(out)]) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: train-tokenizer lets train_bpe's ValueError escape as a traceback "
-    "(cli.EXPECTED_ERRORS has no ValueError and _train_tokenizer does not translate it)",
-)
 def test_train_tokenizer_rejects_a_tiny_vocabulary_cleanly(
     corpus: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
