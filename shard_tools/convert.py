@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -321,7 +323,11 @@ def _run_all(
                 results.append(_run_task(task, options, layout, staging))
                 bar.update(task.size)
             return results
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # fork is fastest (workers inherit imports and the tokenizer) but unsafe once the
+        # parent runs threads (e.g. inside a trainer); then use a clean forkserver.
+        method = "fork" if threading.active_count() == 1 and os.name == "posix" else None
+        context = multiprocessing.get_context(method or "forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             sizes: dict[Future[TaskResult], int] = {
                 pool.submit(_run_task, t, options, layout, staging): t.size for t in tasks
             }
