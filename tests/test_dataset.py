@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from mixture_harness import (
     GROUPS,
     LoopSpec,
     convert_corpus,
+    fingerprint,
     global_sequence,
     run_loop,
     write_corpus,
@@ -226,3 +229,42 @@ def test_resume_planning_cost_does_not_depend_on_position(local_mixture: str) ->
         assert ds.state_dict(in_epoch, True)["plan"]["batch"] == batch
     finally:
         ds.close()
+
+
+def test_cache_limit_holds_and_does_not_change_the_order(
+    s3_mixture: tuple[str, dict[str, str]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a cache too small for the mixture, shards are evicted and re-fetched from S3, the
+    cache stays under its limit, and the sample order is unchanged."""
+    url, env = s3_mixture
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reference = run_loop(0, spec_for(s3_mixture, tmp_path / "unlimited", changes={}))
+    ds = DynamicStreamingDataset(
+        manifest=url,
+        batch_size=8,
+        seed=7,
+        update_lag=5,
+        local=str(tmp_path / "small"),
+        cache_limit="150kb",
+    )
+    try:
+        total = sum(int(s.get_max_size()) for s in ds.shards)
+        assert total > 150_000, "the test needs a mixture larger than the cache"
+        prints, peak = [], 0
+        for _, batch in zip(range(20), _batches(ds, 8), strict=False):
+            prints.append([fingerprint(r) for r in batch])
+            peak = max(peak, ds.cache_usage)
+        assert peak <= 150 * 1024
+        assert prints == reference["prints"]
+    finally:
+        ds.close()
+
+
+def _batches(ds: DynamicStreamingDataset, size: int) -> Iterator[list[torch.Tensor]]:
+    batch = []
+    for sample in ds:
+        batch.append(torch.as_tensor(sample["input_ids"]))
+        if len(batch) == size:
+            yield batch
+            batch = []
