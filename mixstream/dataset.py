@@ -2,7 +2,8 @@
 
 Built on :class:`streaming.StreamingDataset` for everything it does well -- streams, index
 loading, shard download, decompression, ``cache_limit`` and eviction, all coordinated across
-ranks and workers of a node through its shared memory. What we replace is its epoch
+ranks and workers of a node through its shared memory. What we replace is its sample->shard
+table (:mod:`mixstream.spanner`, O(shards) instead of O(samples) memory) and its epoch
 planning (``__iter__``/``generate_work``/``state_dict``): streaming fixes each stream's
 proportion at construction and materializes an O(samples) plan on every start and resume.
 Here the sample order comes from :class:`mixstream.plan.MixturePlan`, which draws global
@@ -28,12 +29,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import streaming.base.dataset as streaming_dataset_module
 from streaming import Stream, StreamingDataset
 
 from mixstream import storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
+from mixstream.spanner import ShardSpanner
 from mixstream.weights import Weights, WeightSchedule, normalize_weights
 
 __all__ = ["DynamicStreamingDataset", "MixtureStateError"]
@@ -149,16 +152,23 @@ class DynamicStreamingDataset(StreamingDataset):
             self._column = None
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
-        super().__init__(
-            streams=streams,
-            batch_size=batch_size,
-            shuffle=False,
-            cache_limit=cache_limit,
-            predownload=predownload,
-            download_retry=download_retry,
-            download_timeout=download_timeout,
-            validate_hash=validate_hash,
-        )
+        # streaming builds its sample->shard table with O(samples) memory; swap in ours for
+        # the duration of its constructor (the only place it is created).
+        original = streaming_dataset_module.Spanner
+        streaming_dataset_module.Spanner = ShardSpanner
+        try:
+            super().__init__(
+                streams=streams,
+                batch_size=batch_size,
+                shuffle=False,
+                cache_limit=cache_limit,
+                predownload=predownload,
+                download_retry=download_retry,
+                download_timeout=download_timeout,
+                validate_hash=validate_hash,
+            )
+        finally:
+            streaming_dataset_module.Spanner = original
         self.group_names = names
         self.split = split
         self.device_batch_size = int(batch_size)
