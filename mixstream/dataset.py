@@ -456,6 +456,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 f"{self.update_lag}; pass num_workers={workers_per_rank} to the dataset"
             )
         self._planned_through = -1
+        self._lookahead: dict[int, int] = {}
         epoch, state = self._begin_epoch()
         self._planned_through = state.batch - 1
         end = (epoch + 1) * self.batches_per_epoch
@@ -478,10 +479,13 @@ class DynamicStreamingDataset(StreamingDataset):
             pool.shutdown(wait=False, cancel_futures=True)
 
     def _sample(self, sample_id: int, group: int) -> dict[str, Any]:
+        # Columns keep their stored dtype (token ids are usually uint16): widening here would
+        # multiply what crosses from workers to the trainer; models widen on device.
         sample = dict(self[sample_id])
-        ids = sample.get("input_ids")
-        if isinstance(ids, np.ndarray) and ids.dtype != np.int64:
-            sample["input_ids"] = ids.astype(np.int64)
+        for key, value in sample.items():
+            # MDS decodes arrays as read-only views of the shard; torch warns on those.
+            if isinstance(value, np.ndarray) and not value.flags.writeable:
+                sample[key] = value.copy()
         sample["group"] = group
         return sample
 
@@ -492,7 +496,8 @@ class DynamicStreamingDataset(StreamingDataset):
         """Fetch this batch's shards concurrently, and start on each group's next shards.
 
         Look-ahead follows each group's own order, which does not depend on the weights, so it
-        never guesses the mixture; only how far ahead it looks scales with the weights.
+        never guesses the mixture; only how far ahead it looks scales with the weights. Each
+        group's positions are examined once: ``_lookahead`` remembers how far we got.
         """
         states = self._shard_states
         needed = [int(s) for s in np.unique(self._shards_of(ids)) if states[s] == _REMOTE_SHARD]
@@ -503,8 +508,12 @@ class DynamicStreamingDataset(StreamingDataset):
         for g, w in enumerate(weights):
             if w <= 0:
                 continue
-            ahead = min(self.plan.group_sizes[g], math.ceil(budget * w) + 1)
-            upcoming = self.plan.group_positions(g, after.counts[g], ahead)
+            target = after.counts[g] + min(self.plan.group_sizes[g], math.ceil(budget * w) + 1)
+            start = max(after.counts[g], self._lookahead.get(g, 0))
+            if target <= start:
+                continue
+            self._lookahead[g] = target
+            upcoming = self.plan.group_positions(g, start, target - start)
             for s in np.unique(self._shards_of(upcoming)):
                 if states[int(s)] == _REMOTE_SHARD:
                     pool.submit(self.prepare_shard, int(s), False)

@@ -29,10 +29,10 @@ class TinyLM(ComposerModel):
         self.head = torch.nn.Linear(dim, vocab)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.head(self.embed(batch["input_ids"][:, :-1]))
+        return self.head(self.embed(batch["input_ids"][:, :-1].long()))
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        targets = batch["input_ids"][:, 1:]
+        targets = batch["input_ids"][:, 1:].long()
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1))
 
 
@@ -47,7 +47,7 @@ class Recorder(Callback):
 
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.AFTER_DATALOADER:
-            ids = state.batch["input_ids"]
+            ids = state.batch["input_ids"].long()
             row = {"batch": int(state.timestamp.batch), "sums": ids.sum(dim=1).tolist()}
             with open(self.log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
