@@ -1,0 +1,63 @@
+"""Online data-mixing algorithms as Linear Mixing Optimization (LMO) update rules.
+
+Each method picks group proportions ``p`` by an exponentiated-gradient step
+``p_j ∝ p_j exp(eta * sum_i A_ij)`` under a mixing law (see ``lmo``); they differ in how they
+set ``A``:
+
+* ``aioli``  -- estimated from short training sweeps (LearnParams), Chen et al. 2024;
+* ``doremi`` -- ``diag(excess loss over a reference model)``, Xie et al. 2023;
+* ``dga``    -- gradient alignment with a target set, Fan, Grangier, Ablin 2024.
+
+The modules here are pure (numpy; torch tensors accepted where losses/gradients come from
+a model) and hold no trainer state beyond small, serialisable dataclasses. Trainer
+integrations live in their own modules and are exposed through ``_EXPORTS`` below; names are
+imported lazily, so ``import mixstream.algorithms`` never imports a training framework.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    # lmo: the shared core
+    "ema": "mixstream.algorithms.lmo",
+    "exponentiated_gradient_log_step": "mixstream.algorithms.lmo",
+    "exponentiated_gradient_step": "mixstream.algorithms.lmo",
+    "linear_dynamic_law": "mixstream.algorithms.lmo",
+    "log_linear_static_law": "mixstream.algorithms.lmo",
+    "normalize_mixing_matrix": "mixstream.algorithms.lmo",
+    "smooth_toward_uniform": "mixstream.algorithms.lmo",
+    "solve_mixing_matrix": "mixstream.algorithms.lmo",
+    # aioli
+    "AioliConfig": "mixstream.algorithms.aioli",
+    "AioliState": "mixstream.algorithms.aioli",
+    "LearnParamsPlan": "mixstream.algorithms.aioli",
+    "Sweep": "mixstream.algorithms.aioli",
+    "aioli_step": "mixstream.algorithms.aioli",
+    "aioli_update": "mixstream.algorithms.aioli",
+    "beta_from_losses": "mixstream.algorithms.aioli",
+    "estimate_A": "mixstream.algorithms.aioli",
+    "sweep_mixtures": "mixstream.algorithms.aioli",
+    # doremi
+    "DoReMiState": "mixstream.algorithms.doremi",
+    "doremi_update": "mixstream.algorithms.doremi",
+    "excess_loss": "mixstream.algorithms.doremi",
+    # dga
+    "alignment": "mixstream.algorithms.dga",
+    "dga_update": "mixstream.algorithms.dga",
+    # simulate (toy runs under a planted mixing law, for tests and benchmarks)
+    "LinearDynamicSimulator": "mixstream.algorithms.simulate",
+    "run_aioli": "mixstream.algorithms.simulate",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'mixstream.algorithms' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
