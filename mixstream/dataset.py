@@ -476,7 +476,9 @@ class DynamicStreamingDataset(StreamingDataset):
                 for sample_id, group in zip(ids.tolist(), groups.tolist(), strict=True):
                     yield self._sample(sample_id, group)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            # Let downloads already running finish: a shard left in the PREPARING state by an
+            # exiting worker would block every other worker that needs it, forever.
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _sample(self, sample_id: int, group: int) -> dict[str, Any]:
         # Columns keep their stored dtype (token ids are usually uint16): widening here would

@@ -268,3 +268,18 @@ def _batches(ds: DynamicStreamingDataset, size: int) -> Iterator[list[torch.Tens
         if len(batch) == size:
             yield batch
             batch = []
+
+
+def test_epoch_ends_with_downloads_in_flight_do_not_hang(
+    s3_mixture: tuple[str, dict[str, str]], tmp_path: Path
+) -> None:
+    """Short epochs from S3 with 2 workers: a worker that finishes its share of an epoch while
+    its look-ahead downloads are running must not strand those shards half-prepared."""
+    spec = spec_for(
+        s3_mixture, tmp_path, num_workers=2, steps=24, epoch_size=4 * 8, epochs=6, changes={}
+    )
+    reference = spec_for(s3_mixture, tmp_path / "ref", num_workers=0, steps=24, changes={})
+    assert (
+        run_ranks(run_loop, 1, spec, env=spec.env, timeout=240)[0]["prints"]
+        == run_ranks(run_loop, 1, reference, env=reference.env, timeout=240)[0]["prints"]
+    )
