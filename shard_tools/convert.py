@@ -313,8 +313,21 @@ def _progress(total: int, enabled: bool) -> Any:
     )
 
 
+def _start_method() -> str:
+    """fork is fastest (workers inherit imports and the tokenizer) but unsafe once the
+    caller runs threads (e.g. inside a trainer); then use a clean forkserver. Decided before
+    we start any thread of our own (tqdm's monitor, boto3's pools)."""
+    single = threading.active_count() == 1
+    return "fork" if single and "fork" in multiprocessing.get_all_start_methods() else "forkserver"
+
+
 def _run_all(
-    tasks: list[Task], options: ConvertOptions, layout: _Layout, staging: str, workers: int
+    tasks: list[Task],
+    options: ConvertOptions,
+    layout: _Layout,
+    staging: str,
+    workers: int,
+    start_method: str,
 ) -> list[TaskResult]:
     results: list[TaskResult] = []
     with _progress(sum(t.size for t in tasks), options.progress) as bar:
@@ -323,10 +336,7 @@ def _run_all(
                 results.append(_run_task(task, options, layout, staging))
                 bar.update(task.size)
             return results
-        # fork is fastest (workers inherit imports and the tokenizer) but unsafe once the
-        # parent runs threads (e.g. inside a trainer); then use a clean forkserver.
-        method = "fork" if threading.active_count() == 1 and os.name == "posix" else None
-        context = multiprocessing.get_context(method or "forkserver")
+        context = multiprocessing.get_context(start_method)
         with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             sizes: dict[Future[TaskResult], int] = {
                 pool.submit(_run_task, t, options, layout, staging): t.size for t in tasks
@@ -349,6 +359,7 @@ def convert(
 ) -> ConvertReport:
     """Convert ``inputs`` into per-group MDS streams and a ``mixture.json`` under ``out``."""
     started = time.perf_counter()
+    start_method = _start_method()
     out = str(out).rstrip("/")
     options.validate()
     layout, tokenizer_info = _resolve_layout(options)
@@ -362,7 +373,7 @@ def convert(
         os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".shard-tools-", dir=parent)
     try:
-        results = _run_all(tasks, options, layout, staging, workers)
+        results = _run_all(tasks, options, layout, staging, workers, start_method)
         report = _assemble(inputs, results, staging, layout, tokenizer_info, options, out)
         _publish(os.path.join(staging, "out"), out, report.manifest, options.overwrite)
     finally:
