@@ -330,6 +330,10 @@ def _run_all(
     start_method: str,
 ) -> list[TaskResult]:
     results: list[TaskResult] = []
+    # Import streaming (and torch under it, ~3 s) once here, so forked workers inherit it
+    # instead of each importing it again.
+    import streaming  # noqa: F401
+
     with _progress(sum(t.size for t in tasks), options.progress) as bar:
         if workers <= 1:
             for task in tasks:
