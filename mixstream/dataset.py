@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -30,7 +31,9 @@ from typing import Any
 
 import numpy as np
 import streaming.base.dataset as streaming_dataset_module
+from filelock import FileLock
 from streaming import Stream, StreamingDataset
+from streaming.base.dataset import _ShardState
 
 from mixstream import storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
@@ -43,7 +46,8 @@ __all__ = ["DynamicStreamingDataset", "MixtureStateError"]
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 1
-_REMOTE_SHARD = 0  # streaming's _ShardState.REMOTE
+_REMOTE_SHARD = int(_ShardState.REMOTE)
+_download_lock = threading.Lock()
 
 
 class MixtureStateError(ValueError):
@@ -208,6 +212,7 @@ class DynamicStreamingDataset(StreamingDataset):
         self._step = 0  # last step announced by the trainer (batches consumed)
         self._state = PlanState.initial(len(names))  # trainer-side plan position (lazy)
         self._resume: _Resume | None = None
+        self._creator_pid = os.getpid()
         self._publish_horizon()
 
     # ------------------------------------------------------------------ trainer side
@@ -402,8 +407,6 @@ class DynamicStreamingDataset(StreamingDataset):
     # ------------------------------------------------------------------ worker side
     def _begin_epoch(self) -> tuple[int, PlanState]:
         """Agree on the epoch with the node's other workers; returns (epoch, start state)."""
-        from filelock import FileLock
-
         if not hasattr(self._shared_barrier, "lock"):
             self._shared_barrier.lock = FileLock(self._shared_barrier.filelock_path)
         presumed = self.next_epoch
@@ -440,6 +443,12 @@ class DynamicStreamingDataset(StreamingDataset):
             )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if os.getpid() != self._creator_pid:
+            # A forked worker inherits the parent's S3 clients and their open keep-alive
+            # sockets; two processes reading one socket get each other's bytes (stalls and
+            # corrupt shards). Drop them so each worker opens its own connections.
+            for stream in self.streams:
+                stream._downloader.clean_up()
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
         worker = self._parallel_worker_world
@@ -479,6 +488,29 @@ class DynamicStreamingDataset(StreamingDataset):
             # Let downloads already running finish: a shard left in the PREPARING state by an
             # exiting worker would block every other worker that needs it, forever.
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's, plus: a failed download returns the shard to REMOTE, and downloads
+        are serialized within a process when a cache limit is set.
+
+        streaming leaves it PREPARING, and every other worker waiting for it would then wait
+        forever instead of retrying or failing.
+        """
+        try:
+            if self.cache_limit:
+                # A download counts against the cache only once complete; one at a time per
+                # process keeps concurrent downloads from overshooting the limit together.
+                with _download_lock:
+                    super().prepare_shard(shard_id, blocking)
+            else:
+                super().prepare_shard(shard_id, blocking)
+        except BaseException:
+            if not hasattr(self, "_cache_filelock"):
+                self._cache_filelock = FileLock(self._cache_filelock_path)
+            with self._cache_filelock:
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.REMOTE
+            raise
 
     def _sample(self, sample_id: int, group: int) -> dict[str, Any]:
         # Columns keep their stored dtype (token ids are usually uint16): widening here would

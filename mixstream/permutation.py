@@ -41,7 +41,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["BlockShuffle"]
+__all__ = ["BlockShuffle", "shuffled_order"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -280,3 +280,16 @@ class BlockShuffle:
             keys = _absorb_np(self._within_key, block)
             out[full_sel] = block * bs + _permute_np(offset, self.block_size, keys)
         return out
+
+
+def shuffled_order(n: int, seed: int, stream: int = 0, epoch: int = 0) -> np.ndarray:
+    """A whole keyed permutation of ``range(n)``, materialized: for small ``n`` only.
+
+    Sorting ``n`` keyed 64-bit hashes is uniform and, for a few thousand elements, much
+    cheaper than evaluating the Feistel network element by element; the plan uses it to lay
+    out each global batch.
+    """
+    n = _check_int("n", n, 0)
+    key = _absorb(_absorb(_absorb(0, seed & _MASK64), stream & _MASK64), epoch & _MASK64)
+    hashes = _absorb_np(key, np.arange(n, dtype=np.uint64))
+    return np.argsort(hashes, kind="stable").astype(np.int64)

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixstream.apportion import advance_targets, allocate
-from mixstream.permutation import BlockShuffle
+from mixstream.permutation import BlockShuffle, shuffled_order
 from mixstream.weights import WeightSchedule
 
 __all__ = ["BatchDraw", "MixturePlan", "PlanState"]
 
 _LAYOUT_STREAM = 1 << 20  # permutation stream id for in-batch layouts, apart from group ids
+_CHUNK = 4096  # group positions are mapped to sample ids a chunk at a time, and cached
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class MixturePlan:
         self.shuffle = bool(shuffle)
         self.block_size = int(block_size)
         self._passes: dict[tuple[int, int], BlockShuffle] = {}
+        self._chunks: dict[tuple[int, int], np.ndarray] = {}
 
     @property
     def num_groups(self) -> int:
@@ -128,15 +130,39 @@ class MixturePlan:
         return perm
 
     def group_positions(self, group: int, start: int, count: int) -> np.ndarray:
-        """Sample ids (global, across groups) of positions ``[start, start+count)`` of a group."""
-        size = self.group_sizes[group]
-        positions = np.arange(start, start + count, dtype=np.int64)
+        """Sample ids (global, across groups) of positions ``[start, start+count)`` of a group.
+
+        Consecutive batches read consecutive positions, so ids are computed for aligned
+        chunks of positions and cached: one vectorized permutation call per chunk instead of
+        several small ones per batch.
+        """
         out = np.empty(count, dtype=np.int64)
-        epochs = positions // size
-        for epoch in np.unique(epochs):
-            mask = epochs == epoch
-            out[mask] = self._pass(group, int(epoch))(positions[mask] - epoch * size)
-        return out + self.offsets[group]
+        done = 0
+        while done < count:
+            pos = start + done
+            chunk = self._chunk(group, pos // _CHUNK)
+            offset = pos % _CHUNK
+            take = min(count - done, _CHUNK - offset)
+            out[done : done + take] = chunk[offset : offset + take]
+            done += take
+        return out
+
+    def _chunk(self, group: int, index: int) -> np.ndarray:
+        key = (group, index)
+        chunk = self._chunks.get(key)
+        if chunk is None:
+            size = self.group_sizes[group]
+            positions = np.arange(index * _CHUNK, (index + 1) * _CHUNK, dtype=np.int64)
+            chunk = np.empty(_CHUNK, dtype=np.int64)
+            epochs = positions // size
+            for epoch in np.unique(epochs):
+                mask = epochs == epoch
+                chunk[mask] = self._pass(group, int(epoch))(positions[mask] - epoch * size)
+            chunk += self.offsets[group]
+            if len(self._chunks) >= 4 * self.num_groups + 8:
+                del self._chunks[next(iter(self._chunks))]  # oldest first
+            self._chunks[key] = chunk
+        return chunk
 
     def layout(self, draw: BatchDraw, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, group ids) for positions ``[lo, hi)`` of a drawn global batch."""
@@ -145,8 +171,7 @@ class MixturePlan:
             raise ValueError(f"slice [{lo}, {hi}) is outside the global batch of {B}")
         slots = np.arange(lo, hi, dtype=np.int64)
         if self.shuffle:
-            order = BlockShuffle(B, B, self.seed, stream=_LAYOUT_STREAM, epoch=draw.batch)
-            slots = np.asarray(order(slots), dtype=np.int64)
+            slots = shuffled_order(B, self.seed, stream=_LAYOUT_STREAM, epoch=draw.batch)[lo:hi]
         bounds = np.cumsum(draw.counts)
         groups = np.searchsorted(bounds, slots, side="right").astype(np.int64)
         starts = bounds - np.asarray(draw.counts)
