@@ -1,0 +1,285 @@
+"""Shared helpers for the benchmarks: timing, machine description, and ``RESULTS.md`` sections.
+
+Every benchmark writes one section of ``benchmarks/RESULTS.md`` with :func:`write_section`,
+which replaces the section of the same title if it is there and appends it otherwise, so
+re-running a benchmark updates its numbers in place and leaves the other sections alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+__all__ = [
+    "RESULTS",
+    "LoadMeter",
+    "command_line",
+    "machine_info",
+    "median",
+    "source_digest",
+    "stopwatch",
+    "wait_for_idle",
+    "write_section",
+]
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "RESULTS.md"
+_HEADER = (
+    "# Benchmark results\n\n"
+    "Each section below is written by the benchmark script named in its command line; "
+    "re-running that command replaces the section in place.\n"
+)
+# Versions are read from package metadata so that describing the machine imports nothing.
+_PACKAGES = (
+    ("torch", "torch"),
+    ("streaming", "mosaicml-streaming"),
+    ("tokenizers", "tokenizers"),
+    ("numpy", "numpy"),
+)
+
+
+class Stopwatch:
+    """Elapsed wall-clock seconds of a ``with stopwatch() as sw:`` block (``sw.seconds``)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds = 0.0
+
+
+@contextmanager
+def stopwatch() -> Iterator[Stopwatch]:
+    """Time a block with ``time.perf_counter``."""
+    sw = Stopwatch()
+    try:
+        yield sw
+    finally:
+        sw.seconds = time.perf_counter() - sw.started
+
+
+def median(values: Sequence[float]) -> float:
+    """Median of a non-empty sequence."""
+    return float(statistics.median(values))
+
+
+def _process_cpu_seconds(skip_session: int | None = None) -> dict[int, float] | None:
+    """CPU seconds of every process but this one (own plus reaped children), from ``/proc``.
+
+    Processes in session ``skip_session`` are left out (the benchmark's own child and its
+    descendants, which may be reparented, e.g. a multiprocessing forkserver). The reaped
+    children of pid 1 are left out too, since orphans of our own child end up there.
+    """
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    me = os.getpid()
+    seconds: dict[int, float] = {}
+    for name in entries:
+        pid = int(name)
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # Fields after "(comm) ": state ppid pgrp session ... utime stime cutime cstime.
+        fields = data[data.rindex(b")") + 2 :].split()
+        if skip_session is not None and int(fields[3]) == skip_session:
+            continue
+        ticks = int(fields[11]) + int(fields[12])
+        if pid != 1:
+            ticks += int(fields[13]) + int(fields[14])
+        seconds[pid] = ticks / tick
+    return seconds
+
+
+class LoadMeter:
+    """CPU used by *other* processes (in cores) between ``start()`` and ``stop()``.
+
+    Benchmarks on a shared machine are only comparable when nothing else runs. Start the
+    measured command in a new session (``start_new_session=True``) and pass its pid to
+    ``stop()`` so that it and everything it forks are not counted. Processes of others that
+    start and end between the two calls are seen only through their parents. Returns None
+    where ``/proc`` is unavailable.
+    """
+
+    def start(self) -> None:
+        self._t = time.perf_counter()
+        self._before = _process_cpu_seconds()
+
+    def stop(self, session: int | None = None) -> float | None:
+        after = _process_cpu_seconds(skip_session=session)
+        if after is None or self._before is None:
+            return None
+        wall = max(time.perf_counter() - self._t, 1e-6)
+        used = sum(max(t - self._before.get(pid, 0.0), 0.0) for pid, t in after.items())
+        return used / wall
+
+
+def wait_for_idle(
+    max_cores: float = 0.15, window: float = 2.0, timeout: float = 300.0
+) -> float | None:
+    """Wait until other processes use less than ``max_cores`` over a ``window``.
+
+    Gives up after ``timeout`` seconds and returns the last load seen (None: unknown).
+    """
+    deadline = time.monotonic() + timeout
+    said = False
+    while True:
+        meter = LoadMeter()
+        meter.start()
+        time.sleep(window)
+        load = meter.stop()
+        if load is None or load < max_cores or time.monotonic() >= deadline:
+            return load
+        if not said:
+            print(
+                f"waiting for the machine to go idle (others use {load:.2f} cores) ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            said = True
+
+
+def command_line() -> str:
+    """The command line of this process as typed (interpreter, ``-m module``, arguments)."""
+    argv = list(getattr(sys, "orig_argv", [sys.executable, *sys.argv]))
+    exe = argv[0]
+    try:
+        rel = os.path.relpath(exe, Path.cwd())
+        if not rel.startswith(".."):
+            argv[0] = rel
+    except ValueError:
+        pass
+    return shlex.join(argv)
+
+
+def source_digest(*packages: str) -> str:
+    """Short digest of the ``*.py`` files of ``packages`` (folders under the repository root).
+
+    Compare it before and after a long benchmark: the tree may change under it.
+    """
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((REPO_ROOT / package).rglob("*.py")):
+            digest.update(str(path.relative_to(REPO_ROOT)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str:
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}{' (modified)' if dirty else ''}"
+
+
+def machine_info() -> dict[str, str]:
+    """Cores, RAM, CPU, and the versions that matter for the numbers, as display strings."""
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    mem = _memory_gib()
+    info = {
+        "cores": f"{usable}" + (f" (of {cores})" if usable != cores else ""),
+        "ram": f"{mem:.1f} GiB" if mem is not None else "unknown",
+        "cpu": _cpu_model(),
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
+    for label, dist in _PACKAGES:
+        try:
+            info[label] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            info[label] = "not installed"
+    info["git"] = _git_revision()
+    return info
+
+
+def _markers(title: str) -> tuple[str, str]:
+    return f"<!-- begin: {title} -->", f"<!-- end: {title} -->"
+
+
+def write_section(
+    title: str, markdown_body: str, command: str | None = None, path: Path = RESULTS
+) -> Path:
+    """Write ``## title`` with the command, date and machine, then ``markdown_body``.
+
+    The section is delimited by HTML comments carrying the title, so a later call with the
+    same title replaces exactly this section (and nothing else); a new title is appended.
+    """
+    command = command or command_line()
+    info = machine_info()
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = ", ".join(f"{k} {v}" for k, v in info.items())
+    begin, end = _markers(title)
+    section = (
+        f"{begin}\n## {title}\n\n"
+        f"- Command: `{command}`\n"
+        f"- Date: {date}\n"
+        f"- Machine: {machine}\n\n"
+        f"{markdown_body.strip()}\n{end}\n"
+    )
+    text = path.read_text(encoding="utf-8") if path.exists() else _HEADER
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
