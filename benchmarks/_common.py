@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import re
+import resource
 import shlex
 import statistics
 import subprocess
@@ -74,61 +75,71 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-def _process_cpu_seconds(skip_session: int | None = None) -> dict[int, float] | None:
-    """CPU seconds of every process but this one (own plus reaped children), from ``/proc``.
-
-    Processes in session ``skip_session`` are left out (the benchmark's own child and its
-    descendants, which may be reparented, e.g. a multiprocessing forkserver). The reaped
-    children of pid 1 are left out too, since orphans of our own child end up there.
-    """
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy since boot (``/proc/stat``), steal included."""
     try:
-        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
-    except OSError:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
         return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (recursively)."""
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        total += usage.ru_utime + usage.ru_stime
+    return total
+
+
+def _session_cpu_seconds(session: int) -> float:
+    """CPU seconds of the live processes of ``session`` (and of the children they reaped)."""
     tick = os.sysconf("SC_CLK_TCK")
-    me = os.getpid()
-    seconds: dict[int, float] = {}
-    for name in entries:
-        pid = int(name)
-        if pid == me:
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
                 data = f.read()
         except OSError:
             continue  # exited meanwhile
         # Fields after "(comm) ": state ppid pgrp session ... utime stime cutime cstime.
         fields = data[data.rindex(b")") + 2 :].split()
-        if skip_session is not None and int(fields[3]) == skip_session:
-            continue
-        ticks = int(fields[11]) + int(fields[12])
-        if pid != 1:
-            ticks += int(fields[13]) + int(fields[14])
-        seconds[pid] = ticks / tick
-    return seconds
+        if int(fields[3]) == session:
+            total += sum(int(x) for x in fields[11:15])
+    return total / tick
 
 
 class LoadMeter:
     """CPU used by *other* processes (in cores) between ``start()`` and ``stop()``.
 
-    Benchmarks on a shared machine are only comparable when nothing else runs. Start the
-    measured command in a new session (``start_new_session=True``) and pass its pid to
-    ``stop()`` so that it and everything it forks are not counted. Processes of others that
-    start and end between the two calls are seen only through their parents. Returns None
-    where ``/proc`` is unavailable.
+    Benchmarks on a shared machine are only comparable when nothing else runs. This is the
+    machine's busy time (``/proc/stat``, hypervisor steal included) minus this process's
+    own and its reaped children's. Start the measured command in a new session
+    (``start_new_session=True``) and pass its pid to ``stop()`` so that descendants it left
+    running are not counted either; descendants that were orphaned and have already exited
+    are counted as others' (the error is on the safe side). None where ``/proc`` is missing.
     """
 
     def start(self) -> None:
         self._t = time.perf_counter()
-        self._before = _process_cpu_seconds()
+        self._busy = _busy_cpu_seconds()
+        self._own = _own_cpu_seconds()
 
     def stop(self, session: int | None = None) -> float | None:
-        after = _process_cpu_seconds(skip_session=session)
-        if after is None or self._before is None:
+        busy = _busy_cpu_seconds()
+        if busy is None or self._busy is None:
             return None
         wall = max(time.perf_counter() - self._t, 1e-6)
-        used = sum(max(t - self._before.get(pid, 0.0), 0.0) for pid, t in after.items())
-        return used / wall
+        ours = _own_cpu_seconds() - self._own
+        if session is not None:
+            ours += _session_cpu_seconds(session)
+        # /proc/stat on a VM occasionally jumps (more busy time than cores x wall); clamp.
+        return min(max(busy - self._busy - ours, 0.0) / wall, float(os.cpu_count() or 1))
 
 
 def wait_for_idle(
