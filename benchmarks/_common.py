@@ -294,3 +294,12 @@ def write_section(
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def publish(section: str, markdown: str, *, quick: bool, write: bool) -> None:
+    """Print a benchmark's markdown and, unless told not to, record it in RESULTS.md."""
+    print("\n" + markdown + "\n")
+    if write:
+        title = section + (" (quick)" if quick else "")
+        path = write_section(title, markdown, command_line())
+        print(f"wrote section {title!r} of {path}", file=sys.stderr)

@@ -38,12 +38,11 @@ from typing import Any
 from benchmarks._common import (
     REPO_ROOT,
     LoadMeter,
-    command_line,
     median,
+    publish,
     source_digest,
     stopwatch,
     wait_for_idle,
-    write_section,
 )
 
 SEQ_LEN = 2048
@@ -567,11 +566,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for title, text in profiles.items():
         body += ["", f"### cProfile: {title}, {prof_mb:.0f} MB corpus, in-call", "", text]
     markdown = "\n".join(body)
-    print("\n" + markdown + "\n")
-    if not args.no_write:
-        title = SECTION + (" (quick)" if args.quick else "")
-        path = write_section(title, markdown, command_line())
-        print(f"wrote section {title!r} of {path}", file=sys.stderr)
+    publish(SECTION, markdown, quick=args.quick, write=not args.no_write)
     print(f"benchmark took {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return 1 if problems else 0
 

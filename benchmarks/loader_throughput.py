@@ -46,11 +46,10 @@ from typing import Any
 from benchmarks._common import (
     REPO_ROOT,
     LoadMeter,
-    command_line,
     median,
+    publish,
     stopwatch,
     wait_for_idle,
-    write_section,
 )
 
 SECTION = "loader throughput"
@@ -818,11 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("**met**." if not misses else f"**missed**: {'; '.join(misses)}.")
     )
     markdown += "\n\n" + verdict
-    print("\n" + markdown + "\n")
-    if not args.no_write:
-        title = SECTION + (" (quick)" if args.quick else "")
-        path = write_section(title, markdown, command_line())
-        print(f"wrote section {title!r} of {path}", file=sys.stderr)
+    publish(SECTION, markdown, quick=args.quick, write=not args.no_write)
     print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO_ROOT, command_line, median, write_section
+from benchmarks._common import REPO_ROOT, median, publish
 
 SECTION = "resume cost"
 SEQ_LEN = 2048
@@ -587,11 +587,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + ("**met**." if not misses else f"**missed**: {'; '.join(misses)}."),
     ]
     markdown = "\n".join(body)
-    print("\n" + markdown + "\n")
-    if not args.no_write:
-        title = SECTION + (" (quick)" if args.quick else "")
-        path = write_section(title, markdown, command_line())
-        print(f"wrote section {title!r} of {path}", file=sys.stderr)
+    publish(SECTION, markdown, quick=args.quick, write=not args.no_write)
     print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 
