@@ -35,7 +35,7 @@ __all__ = ["UNBOUNDED", "ScheduleChannel", "reclaim_stale_segments"]
 PREFIX = "mixstream-"
 MAGIC = 0x4D49585354524D31  # "MIXSTRM1"
 UNBOUNDED = -1
-_HEADER = 8  # int64 slots: magic, groups, capacity, horizon, records, pid, start, unused
+_HEADER = 8  # int64 slots: magic, groups, capacity, horizon, records, pid, start, started
 _SHM_DIR = Path("/dev/shm")
 
 
@@ -145,7 +145,18 @@ class ScheduleChannel:
         self._attach()
         self._header[3] = int(batch)
 
+    @property
+    def started(self) -> bool:
+        """Whether any reader has begun planning batches (see :meth:`mark_started`)."""
+        self._attach()
+        return bool(self._header[7])
+
     # Reader side.
+    def mark_started(self) -> None:
+        """Tell the writer that batches are being planned: updates must now respect the lag."""
+        self._attach()
+        self._header[7] = 1
+
     @property
     def horizon(self) -> int:
         self._attach()

@@ -231,6 +231,11 @@ class DynamicStreamingDataset(StreamingDataset):
         return [(b, self._as_dict(w)) for b, w in self._schedule.entries]
 
     @property
+    def weight_schedule(self) -> WeightSchedule:
+        """A copy of the schedule as a :class:`~mixstream.weights.WeightSchedule` (vectors)."""
+        return WeightSchedule([(b, w.copy()) for b, w in self._schedule.entries])
+
+    @property
     def realized_counts(self) -> dict[str, int]:
         """Samples drawn per group over all global batches before the current step."""
         self._state = self.plan.advance(self._state, self._schedule, self._step)
@@ -261,6 +266,7 @@ class DynamicStreamingDataset(StreamingDataset):
 
         Collective: call on every rank; rank 0's weights, step and effective step are
         broadcast so every rank applies the same change. Returns the effective batch.
+        Until iteration has begun, ``effective_step`` may be as early as ``step`` itself.
         """
         payload: Any
         try:
@@ -268,7 +274,10 @@ class DynamicStreamingDataset(StreamingDataset):
             step = self._check_step(step)
             earliest = step + self.update_lag
             effective = earliest if effective_step is None else int(effective_step)
-            if effective < earliest:
+            # Before the first batch is planned nothing can be prefetched: a schedule set up
+            # front (e.g. at Composer's FIT_START) may start right at ``step``.
+            floor = earliest if self._channel.started else step
+            if effective < floor:
                 raise ValueError(
                     f"effective step {effective} is inside the update lag window: batches "
                     f"before {earliest} (step {step} + lag {self.update_lag}) may already be "
@@ -464,6 +473,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 f"the DataLoader runs {workers_per_rank} workers but update_lag is "
                 f"{self.update_lag}; pass num_workers={workers_per_rank} to the dataset"
             )
+        self._channel.mark_started()
         self._planned_through = -1
         self._lookahead: dict[int, int] = {}
         epoch, state = self._begin_epoch()

@@ -82,6 +82,18 @@ class WeightSchedule:
                 hi = mid
         return self.entries[lo][1]
 
+    def average(self, end: int) -> np.ndarray:
+        """Time average of the weights over global batches ``[0, end)`` (each batch counts once)."""
+        if end <= 0:
+            return self.at(0).copy()
+        total = np.zeros_like(self.entries[0][1])
+        for i, (start, w) in enumerate(self.entries):
+            stop = self.entries[i + 1][0] if i + 1 < len(self.entries) else end
+            span = min(stop, end) - start
+            if span > 0:
+                total += span * w
+        return total / end
+
     def to_list(self) -> list[list]:
         return [[b, [float(x) for x in w]] for b, w in self.entries]
 

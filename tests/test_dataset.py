@@ -173,7 +173,7 @@ def test_bad_set_weights_calls_raise_clear_errors(local_mixture: str) -> None:
             ([1, float("nan"), 1], 0, None, "finite"),
             ([0, 0, 0], 0, None, "all zero"),
             ({"delta": 1}, 0, None, "unknown group"),
-            ([1, 1, 1], 10, 11, "inside the update lag window"),
+            ([1, 1, 1], 10, 9, "inside the update lag window"),
         ]
         for weights, step, effective, message in cases:
             with pytest.raises(ValueError, match=message):
@@ -183,6 +183,20 @@ def test_bad_set_weights_calls_raise_clear_errors(local_mixture: str) -> None:
             ds.set_weights([1, 1, 1], step=9)
         assert ds.set_weights([1, 0, 0], step=10, effective_step=20) == 20
         assert [b for b, _ in ds.schedule] == [0, 13, 20]
+    finally:
+        ds.close()
+
+
+def test_lag_applies_once_iteration_has_begun(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, update_lag=3)
+    try:
+        # Nothing is planned yet: a schedule may be set up to start right away.
+        assert ds.set_weights([1, 0, 0], step=0, effective_step=0) == 0
+        first = next(iter(ds))
+        assert first["group"] == 0
+        with pytest.raises(ValueError, match="inside the update lag window"):
+            ds.set_weights([0, 1, 0], step=0, effective_step=2)
+        assert ds.set_weights([0, 1, 0], step=0) == 3
     finally:
         ds.close()
 

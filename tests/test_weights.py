@@ -47,3 +47,13 @@ def test_schedule_later_decision_replaces_the_future() -> None:
     assert [e for e, _ in again.entries] == [0, 10, 15]
     with pytest.raises(ValueError):
         WeightSchedule([(5, a)]).set(1, b)
+
+
+def test_average_weighs_each_batch_once() -> None:
+    s = WeightSchedule()
+    s.set(0, np.array([1.0, 0.0]))
+    s.set(3, np.array([0.0, 1.0]))
+    s.set(10, np.array([0.5, 0.5]))
+    np.testing.assert_allclose(s.average(4), [0.75, 0.25])
+    np.testing.assert_allclose(s.average(12), [4 / 12, 8 / 12])
+    np.testing.assert_allclose(s.average(0), [1.0, 0.0])

@@ -10,8 +10,9 @@ set ``A``:
 
 The modules here are pure (numpy; torch tensors accepted where losses/gradients come from
 a model) and hold no trainer state beyond small, serialisable dataclasses. Trainer
-integrations live in their own modules and are exposed through ``_EXPORTS`` below; names are
-imported lazily, so ``import mixstream.algorithms`` never imports a training framework.
+integrations (the Composer ``Algorithm`` classes ``Stratified``, ``StaticMixture``, ``Aioli``,
+``DoReMi``, ``DGA``) live in :mod:`mixstream.composer` and are exported here lazily, so
+``import mixstream.algorithms`` alone never imports a training framework.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    # Composer algorithms (import Composer and torch when first used)
+    "Stratified": "mixstream.composer.static",
+    "StaticMixture": "mixstream.composer.static",
+    "Aioli": "mixstream.composer.aioli",
+    "DoReMi": "mixstream.composer.doremi",
+    "DGA": "mixstream.composer.dga",
     # lmo: the shared core
     "ema": "mixstream.algorithms.lmo",
     "exponentiated_gradient_log_step": "mixstream.algorithms.lmo",

@@ -1,0 +1,184 @@
+"""Per-group loss signals for the mixing algorithms, taken without disturbing training.
+
+* Training loss per group comes from the training forward pass itself: the model's
+  per-token losses (``token_losses``) summed by the batch's ``group`` ids.
+* Validation (or test) loss per group comes from :class:`GroupSamples`, a fixed set of each
+  group's held-out sequences read by index. Evaluating leaves the model's mode, the RNG
+  streams and the training dataloader exactly as they were.
+* With several ranks every signal is all-reduced before use, so every rank computes the
+  same mixture (and ``set_weights`` broadcasts rank 0's anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from composer.utils import dist
+
+from mixstream.manifest import Manifest
+
+__all__ = [
+    "GroupSamples",
+    "all_reduce_sum",
+    "evaluate_group_losses",
+    "group_loss_sums",
+    "token_losses",
+    "unwrap_model",
+]
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The ComposerModel inside a DDP wrapper (FSDP wraps in place and needs nothing)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def token_losses(model: torch.nn.Module, outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Per-token losses ``(batch, tokens)`` of ``outputs`` for ``batch``, from the model."""
+    inner = unwrap_model(model)
+    per_token = getattr(inner, "per_token_loss", None)
+    if per_token is None:
+        raise TypeError(
+            f"{type(inner).__name__} has no per_token_loss(outputs, batch); mixing algorithms "
+            "need per-token losses to split the loss by group (see mixstream.composer.model)"
+        )
+    return per_token(outputs, batch)
+
+
+def group_loss_sums(
+    losses: torch.Tensor, groups: torch.Tensor, num_groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum of token losses, token count)`` per group, float64 on the losses' device."""
+    losses = losses.detach().double()
+    per_sample = losses.reshape(losses.shape[0], -1)
+    groups = groups.to(per_sample.device).long().reshape(-1)
+    sums = torch.zeros(num_groups, dtype=torch.float64, device=per_sample.device)
+    counts = torch.zeros_like(sums)
+    sums.index_add_(0, groups, per_sample.sum(dim=1))
+    counts.index_add_(0, groups, torch.full_like(per_sample[:, 0], per_sample.shape[1]))
+    return sums, counts
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.get_world_size() > 1:
+        dist.all_reduce(tensor, reduce_operation="SUM")
+    return tensor
+
+
+def _as_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items() if k != "group"}
+
+
+class GroupSamples:
+    """The first ``samples_per_group`` sequences of each group's ``split``, read by index.
+
+    Splits are assigned by a hash of the document, so the first sequences of a split are
+    as good a sample as any and the same in every run. The sequences are read once (through
+    a :class:`~mixstream.dataset.DynamicStreamingDataset` over the split, so S3 download and
+    caching are streaming's) and kept in memory: a few hundred sequences per group.
+
+    Collective when constructed under torch.distributed (streaming coordinates its cache).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Manifest,
+        split: str,
+        groups: Sequence[str],
+        samples_per_group: int | None = 64,
+        local: str | None = None,
+    ) -> None:
+        from mixstream.dataset import DynamicStreamingDataset
+
+        if samples_per_group is not None and samples_per_group < 1:
+            raise ValueError(f"samples_per_group must be >= 1, got {samples_per_group}")
+        if not isinstance(manifest, Manifest):
+            manifest = Manifest.load(manifest)
+        self.group_names = list(groups)
+        self.split = split
+        dataset = DynamicStreamingDataset(
+            manifest=manifest, split=split, groups=self.group_names, batch_size=1,
+            shuffle=False, local=local, epoch_size=None,
+        )  # fmt: skip
+        try:
+            self.samples: list[list[dict[str, torch.Tensor]]] = []
+            for g, name in enumerate(self.group_names):
+                available = int(dataset.samples_per_stream[g])
+                if available == 0:
+                    raise ValueError(f"group {name!r} has no samples in its {split!r} split")
+                n = available if samples_per_group is None else min(samples_per_group, available)
+                offset = int(dataset.sample_offset_per_stream[g])
+                self.samples.append([_as_tensors(dataset[offset + i]) for i in range(n)])
+        finally:
+            dataset.close()
+
+    def __len__(self) -> int:
+        return len(self.group_names)
+
+    def batches(
+        self, group: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        """This rank's share of ``group``'s sequences as ``(batch, keep)`` pairs.
+
+        Every rank yields the same number of batches (sharded models need every rank in
+        every forward); padding rows repeat a sequence and have ``keep == 0``.
+        """
+        rows = self.samples[group][rank::world_size]
+        per_rank = -(-len(self.samples[group]) // world_size)
+        for start in range(0, per_rank, batch_size):
+            chunk = rows[start : start + batch_size]
+            size = min(batch_size, per_rank - start)
+            keep = torch.zeros(size)
+            keep[: len(chunk)] = 1
+            chunk = chunk + [self.samples[group][0]] * (size - len(chunk))
+            yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}, keep
+
+
+@contextlib.contextmanager
+def _untouched(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode, no grad, and every RNG stream restored afterwards."""
+    was_training = model.training
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train(was_training)
+
+
+def evaluate_group_losses(
+    model: torch.nn.Module,
+    samples: GroupSamples,
+    batch_size: int,
+    device: Any | None = None,
+    precision_context: Any | None = None,
+) -> np.ndarray:
+    """Mean token loss of each group over ``samples``, across all ranks (collective).
+
+    ``device`` is a Composer device (moves batches); ``precision_context`` a callable
+    returning the autocast context the trainer uses.
+    """
+    rank, world = dist.get_global_rank(), dist.get_world_size()
+    sums = torch.zeros(len(samples), dtype=torch.float64)
+    counts = torch.zeros_like(sums)
+    with _untouched(model):
+        for g in range(len(samples)):
+            for batch, keep in samples.batches(g, batch_size, rank, world):
+                if device is not None:
+                    batch = device.batch_to_device(batch)
+                context = precision_context() if precision_context else contextlib.nullcontext()
+                with context:
+                    outputs = model(batch)
+                per_token = token_losses(model, outputs, batch).detach().double().cpu()
+                per_token = per_token.reshape(per_token.shape[0], -1)
+                sums[g] += (per_token.sum(dim=1) * keep).sum()
+                counts[g] += keep.sum() * per_token.shape[1]
+    totals = torch.stack([sums, counts])
+    if device is not None:
+        totals = device.tensor_to_device(totals)
+    totals = all_reduce_sum(totals).cpu()
+    return (totals[0] / totals[1]).numpy()

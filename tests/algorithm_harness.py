@@ -1,0 +1,106 @@
+"""Train a tiny GPT with a mixing algorithm in Composer, for the algorithm tests.
+
+``fit`` runs in the calling process; ``python algorithm_harness.py CONFIG.json`` runs the
+same in a fresh process (so a test can SIGKILL it and autoresume), and ``rank_fit`` is the
+entry point for ``mixstream.testing.distributed.run_ranks``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from composer import Callback, Event, State, Trainer
+from composer.loggers import Logger
+from torch.utils.data import DataLoader
+
+from mixstream import DynamicStreamingDataset
+from mixstream.composer.model import MixtureLM
+
+
+class BatchLog(Callback):
+    """Writes each batch's per-sample token sums (its content) and kills the run on request."""
+
+    def __init__(self, path: str, kill_at: int | None = None) -> None:
+        self.path = path
+        self.kill_at = kill_at
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.AFTER_DATALOADER:
+            ids = state.batch["input_ids"].long()
+            row = {"batch": int(state.timestamp.batch), "sums": ids.sum(dim=1).tolist()}
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        elif event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def build_algorithm(spec: dict[str, Any]) -> Any:
+    """``{"class": "Aioli", "kwargs": {...}}`` -> ``mixstream.algorithms.Aioli(**kwargs)``."""
+    module = importlib.import_module("mixstream.algorithms")
+    return getattr(module, spec["class"])(**spec.get("kwargs", {}))
+
+
+def fit(cfg: dict[str, Any]) -> tuple[Trainer, Any]:
+    """Train per ``cfg``; returns the (closed) trainer and the algorithm."""
+    torch.manual_seed(cfg.get("seed", 5))
+    dataset = DynamicStreamingDataset(
+        manifest=cfg["manifest"],
+        batch_size=cfg.get("batch_size", 8),
+        num_workers=cfg.get("num_workers", 0),
+        seed=cfg.get("seed", 5),
+        lockstep=True,
+    )
+    workers = cfg.get("num_workers", 0)
+    loader = DataLoader(dataset, batch_size=dataset.device_batch_size, num_workers=workers)
+    model = MixtureLM("gpt2", 257, cfg.get("seq_len", 32), n_layer=2, n_head=2, n_embd=32)
+    algorithm = build_algorithm(cfg["algorithm"])
+    callbacks = [BatchLog(cfg["log_path"], cfg.get("kill_at"))] if cfg.get("log_path") else []
+    trainer = Trainer(
+        model=model,
+        train_dataloader=loader,
+        max_duration=cfg.get("max_duration", "12ba"),
+        optimizers=torch.optim.AdamW(model.parameters(), lr=cfg.get("lr", 3e-3)),
+        algorithms=[algorithm],
+        callbacks=callbacks,
+        save_folder=cfg.get("save_folder"),
+        save_interval=cfg.get("save_interval", "4ba"),
+        save_num_checkpoints_to_keep=-1,
+        run_name=cfg.get("run_name", "algo-test"),
+        autoresume=cfg.get("autoresume", False),
+        load_path=cfg.get("load_path"),
+        device="cpu",
+        progress_bar=False,
+        log_to_console=False,
+        loggers=[],
+        seed=cfg.get("seed", 5),
+    )
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+        dataset.close()
+    return trainer, algorithm
+
+
+def rank_fit(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
+    """One rank of a distributed run: what this rank's algorithm decided."""
+    if cfg.get("log_path"):
+        cfg = {**cfg, "log_path": f"{cfg['log_path']}.rank{rank}"}
+    _, algorithm = fit(cfg)
+    return {"schedule": algorithm.mixing_dataset.schedule, "state": algorithm.state_dict()}
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        fit(json.load(f))
