@@ -12,7 +12,11 @@ says *when* to update. This base does the wiring every method needs, once:
   (``mixture/weight/<group>``, ``mixture/val_loss/<group>``, ...) and appends them to
   ``mixture_history.jsonl`` in the run folder; writes ``weights.json`` (final and
   time-averaged weights, and the schedule) when training ends;
-* checkpoints the method's state with the trainer's, so resume is exact.
+* checkpoints the method's state with the trainer's, so resume is exact -- including the
+  RNG streams: Composer restores them mid-epoch only when it replays the dataloader, which
+  a dataset with its own resumption skips, so dropout would otherwise draw differently after
+  a resume. They are restored right after the first batch is fetched, where Composer's own
+  replay restores them (the dataloader's iterator draws a seed from the torch RNG).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 from composer.core import Algorithm, Event, State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 
 from mixstream.composer.history import MixtureHistory
 from mixstream.composer.signals import (
@@ -45,7 +49,9 @@ from mixstream.weights import WeightSchedule, normalize_weights
 __all__ = ["WEIGHTS_FILE", "MixingAlgorithm", "find_dataset"]
 
 WEIGHTS_FILE = "weights.json"
-_EVENTS = (Event.FIT_START, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END)
+_EVENTS = (
+    Event.FIT_START, Event.AFTER_DATALOADER, Event.AFTER_LOSS, Event.BATCH_END, Event.FIT_END,
+)  # fmt: skip
 
 
 def find_dataset(state: State) -> DynamicStreamingDataset:
@@ -103,6 +109,7 @@ class MixingAlgorithm(Algorithm):
         self.val_manifest = val_manifest
         self.dataset: DynamicStreamingDataset | None = None
         self._loaded_step: int | None = None
+        self._pending_rng: list[dict[str, Any]] | None = None
         self._step = 0
         self._val_set: GroupSamples | None = None
         self._history: MixtureHistory | None = None
@@ -137,6 +144,10 @@ class MixingAlgorithm(Algorithm):
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state, logger)
+        elif event == Event.AFTER_DATALOADER:
+            if self._pending_rng is not None:
+                reproducibility.load_rng_state(self._pending_rng)
+                self._pending_rng = None
         elif event == Event.AFTER_LOSS:
             self._collect_train_loss(state)
             self.on_loss(state, logger)
@@ -313,11 +324,18 @@ class MixingAlgorithm(Algorithm):
 
     # --------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "step": self._step, "method": self.method_state()}
+        """Collective (gathers every rank's RNG state), like Composer's checkpointing."""
+        return {
+            **super().state_dict(),
+            "step": self._step,
+            "method": self.method_state(),
+            "rng": reproducibility.get_rng_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._loaded_step = int(state["step"])
         self._step = self._loaded_step
+        self._pending_rng = state.get("rng")
         self.load_method_state(state.get("method", {}))
 
 

@@ -69,7 +69,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
-    return {k: torch.as_tensor(np.asarray(v)) for k, v in sample.items() if k != "group"}
+    return {k: torch.as_tensor(np.array(v)) for k, v in sample.items() if k != "group"}
 
 
 class GroupSamples:
