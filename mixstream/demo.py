@@ -11,7 +11,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mixstream.testing.s3server import S3Server
 
@@ -23,6 +25,55 @@ def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
+def build_demo_mixture(
+    workdir: Path,
+    root: str,
+    *,
+    bytes_per_group: int | None = None,
+    vocab_size: int = 4096,
+    seq_len: int = 256,
+    say: Callable[[str], None] = _say,
+) -> Any:
+    """Demo corpus -> local BPE tokenizer -> per-group MDS streams under ``root``.
+
+    ``root`` may be ``s3://``: the S3 environment must then be set (e.g. by
+    ``S3Server.apply_env``). Returns the ``ConvertReport``. Shared by the demo and the
+    benchmarks, so they all train on the same kind of data.
+    """
+    from shard_tools import ConvertOptions, InputSpec, convert
+    from shard_tools.demo_corpus import DEFAULT_GROUP_BYTES, build_demo_corpus
+    from shard_tools.tokenizer import train_bpe
+
+    corpus_dir = Path(workdir) / "corpus"
+    say(f"building the demo corpus from local text into {corpus_dir}/")
+    groups = build_demo_corpus(corpus_dir, bytes_per_group or DEFAULT_GROUP_BYTES)
+    for g in groups.values():
+        say(f"  {g.name:>6}: {g.documents:5,} documents, {g.bytes / 1e6:4.1f} MB")
+
+    tokenizer = Path(workdir) / "tokenizer.json"
+    say(f"training a {vocab_size}-token byte-level BPE tokenizer -> {tokenizer}")
+    texts = (
+        json.loads(line)["text"]
+        for g in groups.values()
+        for line in Path(g.path).read_text(encoding="utf-8").splitlines()
+    )
+    train_bpe(texts, vocab_size, tokenizer)
+
+    inputs = [InputSpec(str(g.path), group=g.name) for g in groups.values()]
+    options = ConvertOptions(
+        tokenizer=str(tokenizer),
+        seq_len=seq_len,
+        val_fraction=0.05,
+        test_fraction=0.05,
+        shard_size="1mb",
+    )
+    say(f"converting into {root} (one MDS stream per group and split)")
+    report = convert(inputs, root, options)
+    mb = report.input_bytes / 1e6
+    say(f"converted {mb:.1f} MB in {report.seconds:.1f} s ({mb / report.seconds:.1f} MB/s)")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mixstream.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
@@ -31,48 +82,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args(argv)
 
-    from shard_tools import (
-        ConvertOptions,
-        InputSpec,
-        convert,
-        format_table,
-        inspect_mixture,
-        verify_mixture,
-    )
-    from shard_tools.demo_corpus import DEFAULT_GROUP_BYTES, build_demo_corpus
-    from shard_tools.tokenizer import train_bpe
+    from shard_tools import format_table, inspect_mixture, verify_mixture
 
     started = time.perf_counter()
-    corpus_dir = args.workdir / "corpus"
-    _say(f"building the demo corpus from local text into {corpus_dir}/")
-    groups = build_demo_corpus(corpus_dir, args.bytes_per_group or DEFAULT_GROUP_BYTES)
-    for g in groups.values():
-        _say(f"  {g.name:>6}: {g.documents:5,} documents, {g.bytes / 1e6:4.1f} MB")
-
-    tokenizer = args.workdir / "tokenizer.json"
-    _say(f"training a {args.vocab_size}-token byte-level BPE tokenizer -> {tokenizer}")
-    texts = (
-        json.loads(line)["text"]
-        for g in groups.values()
-        for line in Path(g.path).read_text(encoding="utf-8").splitlines()
-    )
-    train_bpe(texts, args.vocab_size, tokenizer)
-
     with S3Server(buckets=(BUCKET,)) as server, server.apply_env():
         _say(f"SeaweedFS S3 is up at {server.endpoint_url} ({server.startup_seconds:.1f} s)")
         root = f"s3://{BUCKET}/demo"
-        inputs = [InputSpec(str(g.path), group=g.name) for g in groups.values()]
-        options = ConvertOptions(
-            tokenizer=str(tokenizer),
+        build_demo_mixture(
+            args.workdir,
+            root,
+            bytes_per_group=args.bytes_per_group,
+            vocab_size=args.vocab_size,
             seq_len=args.seq_len,
-            val_fraction=0.05,
-            test_fraction=0.05,
-            shard_size="1mb",
         )
-        _say(f"converting into {root} (one MDS stream per group and split)")
-        report = convert(inputs, root, options)
-        mb = report.input_bytes / 1e6
-        _say(f"converted {mb:.1f} MB in {report.seconds:.1f} s ({mb / report.seconds:.1f} MB/s)")
         _, rows = inspect_mixture(root)
         print(format_table(rows), flush=True)
         check = verify_mixture(root)
