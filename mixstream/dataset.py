@@ -143,11 +143,13 @@ class DynamicStreamingDataset(StreamingDataset):
             if not isinstance(manifest, Manifest):
                 manifest = Manifest.load(manifest)
             self.manifest: Manifest | None = manifest
+            self.cache_root = local  # other splits of this manifest are cached beside it
             names, streams = _streams_from_manifest(manifest, split, groups, local)
             self._column = manifest.sample.get("column")
         else:
             assert streams is not None
             self.manifest = None
+            self.cache_root = None
             names = (
                 list(groups) if groups is not None else [f"group{i}" for i in range(len(streams))]
             )

@@ -309,7 +309,11 @@ class MixingAlgorithm(Algorithm):
                     "from a manifest with a 'val' split, or pass val_manifest="
                 )
             self._val_set = GroupSamples(
-                manifest, "val", self.mixing_dataset.group_names, self.val_samples_per_group
+                manifest,
+                "val",
+                self.mixing_dataset.group_names,
+                self.val_samples_per_group,
+                local=self.mixing_dataset.cache_root,
             )
         batch_size = self.val_batch_size or self.mixing_dataset.device_batch_size
         return evaluate_group_losses(
