@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,8 @@ class MixingAlgorithm(Algorithm):
         self._history: MixtureHistory | None = None
         self._train_sums: torch.Tensor | None = None
         self._train_counts: torch.Tensor | None = None
+        #: wall-clock seconds spent measuring validation losses (the method's own overhead)
+        self.eval_seconds = 0.0
 
     # --------------------------------------------------------------- subclass hooks
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
@@ -301,6 +304,7 @@ class MixingAlgorithm(Algorithm):
 
     def validation_losses(self, state: State) -> np.ndarray:
         """Mean validation token loss per group, across ranks (collective)."""
+        started = time.perf_counter()
         if self._val_set is None:
             manifest = self.val_manifest or self.mixing_dataset.manifest
             if manifest is None:
@@ -316,15 +320,18 @@ class MixingAlgorithm(Algorithm):
                 local=self.mixing_dataset.cache_root,
             )
         batch_size = self.val_batch_size or self.mixing_dataset.device_batch_size
-        return evaluate_group_losses(
-            state.model,
-            self._val_set,
-            batch_size,
-            device=state.device,
-            precision_context=lambda: get_precision_context(
-                state.precision, state.precision_config
-            ),
-        )
+        try:
+            return evaluate_group_losses(
+                state.model,
+                self._val_set,
+                batch_size,
+                device=state.device,
+                precision_context=lambda: get_precision_context(
+                    state.precision, state.precision_config
+                ),
+            )
+        finally:
+            self.eval_seconds += time.perf_counter() - started
 
     # --------------------------------------------------------------- checkpointing
     def state_dict(self) -> dict[str, Any]:
