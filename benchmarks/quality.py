@@ -1,4 +1,4 @@
-"""Mixing quality: Aioli, DoReMi and DGA against Stratified, the Aioli paper's protocol at CPU scale.
+"""Mixing quality: Aioli, DoReMi and DGA vs Stratified, the Aioli paper protocol at CPU scale.
 
 The Aioli paper (Chen et al. 2024, Table 2) trains 160M models on subsets of SlimPajama's
 groups (2, 3 and all 7) and reports each method's average test perplexity over the groups
@@ -247,7 +247,7 @@ def report(jobs: list[Job], args: argparse.Namespace, seconds: dict[str, float])
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     lines += ["", "Per-group test perplexity (mean over seeds) and learned weights:", ""]
     for s in settings:
-        groups = args.settings[[lab for lab in args.settings if _slug(lab) == s][0]]
+        groups = args.settings[next(lab for lab in args.settings if _slug(lab) == s)]
         lines.append(f"| {s} | " + " | ".join(groups) + " | weights (average) |")
         lines.append("|---" * (len(groups) + 2) + "|")
         for m in methods:
