@@ -8,19 +8,23 @@ gradient ``g_t`` of the target (specific) loss at the current parameters:
 * ``alpha_hat ∝ alpha * exp(eta * a)`` (a mirror-descent / EG step on the simplex);
 * ``alpha_new = beta * alpha + (1 - beta) * alpha_hat`` (``ema_decay = beta``; 0 = plain DGA).
 
-**Sign.** One SGD step on the mixture, ``theta' = theta - lr sum_i alpha_i g_i``, changes the
-target loss by ``-lr sum_i alpha_i <g_i, g_t>`` to first order, so the hyper-gradient is
-``d loss_t / d alpha_i = -lr a_i`` and descent on the simplex is ``alpha * exp(+eta lr a)``:
-groups whose gradient points the same way as the target's are *upweighted*. (``lr`` is folded
-into ``eta``.) The same sign as DoGE (Fan et al. 2023), DGA's predecessor, and as the
-reference reimplementation in HazyResearch/aioli (``log w += score / mu``).
+**Convention (ours).** The paper's Algorithm 1 could not be consulted here, so this is the
+form we chose, not a transcription of it:
 
-**EMA.** Weights on the *previous* weights (the same convention as ``lmo.ema`` and Aioli's
-``--ema``), and the smoothed ``alpha`` is both what is sampled and what the next step starts
-from, so a single vector is the whole state. Why: per-step alignments are noisy and a group's
-gradient aligns best right before it is overfit; damping the move keeps weight on the other
-groups (the paper's motivation for EMA in the token-limited setting). Because both ``alpha``
-and ``alpha_hat`` are on the simplex, so is their average.
+* the EMA is on the *weights*, and ``beta`` is the weight on the *previous* weights (as in
+  ``lmo.ema`` and Aioli's ``--ema``): ``beta -> 1`` is slow and stable, ``beta = 0`` is the
+  plain mirror-descent step. The smoothed ``alpha`` is both what is sampled and where the
+  next step starts, so one vector on the simplex is the whole state. Why smooth at all:
+  per-step alignments are noisy, and a group aligns best right before it is overfit.
+* scores are the raw inner products, with the learning rate folded into ``eta``. DoGE (Fan
+  et al. 2023), DGA's predecessor, scales them by ``lr / mean gradient norm``; we do not
+  (the Composer ``DGA`` instead offers cosine alignment, ``normalize=True``, so that ``eta``
+  is scale-free).
+
+**Sign.** One SGD step on the mixture, ``theta' = theta - lr sum_i alpha_i g_i``, changes the
+target loss by ``-lr sum_i alpha_i <g_i, g_t>`` to first order, so descent on the simplex is
+``alpha * exp(+eta a)``: groups whose gradient points the same way as the target's are
+*upweighted* (as in DoGE and in HazyResearch/aioli's reimplementation, ``log w += score / mu``).
 
 LMO view (Aioli, Sec. 4): with a single target, ``A^t`` is ``1 x m`` with ``A_1j = <g_t, g_j>``;
 with several target groups ``A_ij = <g_t_i, g_j>`` and the column sum is the alignment with
