@@ -94,7 +94,8 @@ def rank_fit(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("log_path"):
         cfg = {**cfg, "log_path": f"{cfg['log_path']}.rank{rank}"}
     _, algorithm = fit(cfg)
-    return {"schedule": algorithm.mixing_dataset.schedule, "state": algorithm.state_dict()}
+    # Plain values only: tensors (e.g. RNG states) would outlive the rank process in the queue.
+    return {"schedule": algorithm.mixing_dataset.schedule, "method": algorithm.method_state()}
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -78,8 +78,8 @@ def test_ranks_agree_on_every_decision(mixture: str, tmp_path: Path) -> None:
     }
     results = run_ranks(rank_fit, 2, cfg, timeout=600)
     assert results[0]["schedule"] == results[1]["schedule"]
-    assert results[0]["state"]["method"] == results[1]["state"]["method"]
-    assert results[0]["state"]["method"]["round_index"] == 2
+    assert results[0]["method"] == results[1]["method"]
+    assert results[0]["method"]["round_index"] == 2
 
 
 def run_script(cfg: dict, tmp: Path, name: str, expect_kill: bool = False) -> None:
