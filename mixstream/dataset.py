@@ -18,12 +18,15 @@ ever re-planned. Updates reach the workers through :class:`mixstream.channel.Sch
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
 import os
+import random
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
+_PREFIX_ATTEMPTS = 8
 
 
 class MixtureStateError(ValueError):
@@ -163,16 +167,30 @@ class DynamicStreamingDataset(StreamingDataset):
         original = streaming_dataset_module.Spanner
         streaming_dataset_module.Spanner = ShardSpanner
         try:
-            super().__init__(
-                streams=streams,
-                batch_size=batch_size,
-                shuffle=False,
-                cache_limit=cache_limit,
-                predownload=predownload,
-                download_retry=download_retry,
-                download_timeout=download_timeout,
-                validate_hash=validate_hash,
-            )
+            for attempt in range(_PREFIX_ATTEMPTS):
+                try:
+                    # streaming's constructor fills in each stream's defaults; a retry needs
+                    # them as they were given.
+                    super().__init__(
+                        streams=[copy.copy(s) for s in streams],
+                        batch_size=batch_size,
+                        shuffle=False,
+                        cache_limit=cache_limit,
+                        predownload=predownload,
+                        download_retry=download_retry,
+                        download_timeout=download_timeout,
+                        validate_hash=validate_hash,
+                    )
+                    break
+                except FileExistsError as exc:
+                    # streaming picks its shared-memory prefix by scanning for a free one,
+                    # then creating it: two jobs starting together on one machine can pick
+                    # the same. A lone process may simply try again; ranks of a distributed
+                    # job cannot (the others are inside streaming's barriers).
+                    if _distributed() or attempt + 1 == _PREFIX_ATTEMPTS:
+                        raise
+                    log.warning("shared-memory prefix taken by another job (%s); retrying", exc)
+                    time.sleep(random.uniform(0.05, 0.5))
         finally:
             streaming_dataset_module.Spanner = original
         self.group_names = names
@@ -569,10 +587,16 @@ class DynamicStreamingDataset(StreamingDataset):
         self._channel.close()
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _broadcast_from_rank0(payload: Any) -> Any:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return payload
     box = [payload]
     dist.broadcast_object_list(box, src=0)

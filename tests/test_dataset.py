@@ -297,3 +297,25 @@ def test_epoch_ends_with_downloads_in_flight_do_not_hang(
         run_ranks(run_loop, 1, spec, env=spec.env, timeout=240)[0]["prints"]
         == run_ranks(run_loop, 1, reference, env=reference.env, timeout=240)[0]["prints"]
     )
+
+
+def test_a_shared_memory_prefix_taken_meanwhile_is_retried(
+    local_mixture: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import streaming.base.shared.prefix as prefix
+
+    real = prefix.SharedMemory
+    raced = []
+
+    def racing(name: str, create: bool = False, size: int = 0, *args: object) -> object:
+        if create and name.endswith("_locals") and not raced:
+            raced.append(name)  # another job created it between streaming's scan and create
+            raise FileExistsError(17, "File exists", name)
+        return real(name, create, size, *args)
+
+    monkeypatch.setattr(prefix, "SharedMemory", racing)
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4)
+    try:
+        assert raced and ds.batches_per_epoch > 0
+    finally:
+        ds.close()
