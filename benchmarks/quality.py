@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -129,7 +130,8 @@ def plan_jobs(args: argparse.Namespace, manifest: str, out: Path) -> list[Job]:
             if "dga" in args.methods:
                 target = args.dga_target or "@worst"
                 add(f"{key}/dga/s{seed}", "dga", groups, seed, args.steps,
-                    f"algorithm.target={target}", after=[base.name])  # fmt: skip
+                    f"algorithm.target={target}", f"algorithm.update_steps={args.dga_update_steps}",
+                    f"algorithm.ema={args.dga_ema}", after=[base.name])  # fmt: skip
             if args.restricted and len(groups) == max(len(g) for g in args.settings.values()):
                 short_steps = max(args.aioli_update_steps * 2, args.steps // 4)
                 short = add(f"{key}/aioli-short/s{seed}", "aioli", groups, seed, short_steps,
@@ -160,7 +162,14 @@ def _resolve_target(job: Job, jobs: dict[str, Job]) -> list[str]:
 
 
 def run_job(job: Job, jobs: dict[str, Job], env: dict[str, str]) -> float:
-    """Run one job to completion; returns its wall-clock seconds."""
+    """Run one job to completion; returns its wall-clock seconds (0: done by an earlier call).
+
+    Runs that finished before (their ``results.json`` exists in ``--workdir``) are kept, so an
+    interrupted benchmark continues where it stopped.
+    """
+    if job.results.exists():
+        return 0.0
+    shutil.rmtree(job.run_dir, ignore_errors=True)  # a run cut short starts over
     job.run_dir.mkdir(parents=True, exist_ok=True)
     job.log = job.run_dir / "train.log"
     cmd = [sys.executable, "-m", "mixstream", "train", job.recipe, *_resolve_target(job, jobs)]
@@ -262,7 +271,10 @@ def report(jobs: list[Job], args: argparse.Namespace, seconds: dict[str, float])
                          + " / ".join(f"{x:.2f}" for x in w) + " |")  # fmt: skip
         lines.append("")
     total = sum(seconds.values())
-    lines.append(f"{len(seconds)} runs, {total / 60:.0f} CPU-job minutes, {args.jobs} at a time.")
+    lines.append(
+        f"{len(seconds)} runs ({total / 60:.0f} job-minutes in this invocation, {args.jobs} at a "
+        "time, one torch thread each)."
+    )
     return "\n".join(lines)
 
 
@@ -278,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aioli-lp-steps", type=int, default=None)
     parser.add_argument("--aioli-lp-rounds", type=int, default=1)
     parser.add_argument("--dga-target", default=None)
+    parser.add_argument("--dga-update-steps", type=int, default=10)
+    parser.add_argument("--dga-ema", type=float, default=0.5)
     parser.add_argument("--no-restricted", dest="restricted", action="store_false")
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
     parser.add_argument("--gpu", action="store_true", help="use the GPU (125M) recipes")
