@@ -1,14 +1,19 @@
 """``make demo``: the main job end to end on embedded defaults (local SeaweedFS, CPU).
 
 Starts a real S3 server on loopback, builds a multi-group corpus from text already on the
-machine, trains a small BPE tokenizer on it, converts it into per-group MDS streams in S3,
-and prints the inspect table and a verify pass.
+machine, trains a small BPE tokenizer on it, converts it into per-group MDS streams in S3
+(inspect table, verify pass), then trains the small GPT of ``recipes/cpu-aioli.yaml`` with
+Aioli streaming from S3 with live reweighting, and the same budget with ``Stratified``
+(``recipes/cpu-stratified.yaml``), and prints their per-group test perplexities side by side.
+Each run also draws its weights and per-group losses (``RUN_DIR/mixture.png``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +24,9 @@ from mixstream.testing.s3server import S3Server
 
 DEFAULT_WORKDIR = Path("demo-out")
 BUCKET = "mixstream"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+#: (label, recipe) of the demo's training runs, the anchor first
+RUNS = (("stratified", "cpu-stratified.yaml"), ("aioli", "cpu-aioli.yaml"))
 
 
 def _say(message: str) -> None:
@@ -80,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes-per-group", type=int, default=None)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument(
+        "--no-train", dest="train", action="store_false", help="stop after the data is in S3"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="recipe override for both runs (e.g. max_duration=100ba)",
+    )
     args = parser.parse_args(argv)
 
     from shard_tools import format_table, inspect_mixture, verify_mixture
@@ -102,8 +120,57 @@ def main(argv: list[str] | None = None) -> int:
             f"verify: {check.shards} shards, {check.samples:,} samples: "
             + ("OK" if check.ok else "; ".join(check.problems))
         )
+        if not check.ok:
+            return 1
+        if args.train:
+            results = {
+                label: _train(label, recipe, args.workdir / "runs" / label, args.set)
+                for label, recipe in RUNS
+            }
+            print(compare(results), flush=True)
+            for label, _ in RUNS:
+                _say(f"{label}: weights and losses in {args.workdir / 'runs' / label}/mixture.png")
     _say(f"done in {time.perf_counter() - started:.0f} s")
-    return 0 if check.ok else 1
+    return 0
+
+
+def _train(label: str, recipe: str, run_dir: Path, overrides: list[str]) -> dict[str, Any]:
+    """One ``mixstream train`` run from scratch, its output streamed to the console."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo always trains from scratch
+    _say(f"training with {label} ({RECIPES / recipe}) -> {run_dir}")
+    cmd = [sys.executable, "-m", "mixstream", "train", str(RECIPES / recipe),
+           f"run_dir={run_dir}", f"data.local={run_dir / 'cache'}", *overrides]  # fmt: skip
+    subprocess.run(cmd, check=True)
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _perplexity(run: dict[str, Any], group: str) -> float:
+    test = run["test"]
+    entry = test["average"] if group == "average" else test["groups"][group]
+    return float(entry["perplexity"])
+
+
+def compare(results: dict[str, dict[str, Any]]) -> str:
+    """Per-group test perplexity of each run, side by side, with the difference to the first."""
+    labels = list(results)
+    anchor = results[labels[0]]
+    groups = list(anchor["test"]["groups"])
+    header = f"{'group':<10}" + "".join(f"{label:>12}" for label in labels)
+    header += "".join(f"{'d ' + label:>12}" for label in labels[1:])
+    header += "".join(f"{'w ' + label:>10}" for label in labels[1:])
+    lines = ["", "test perplexity (same data, model, seed and number of batches)", header]
+    for g in [*groups, "average"]:
+        ppl = {label: _perplexity(run, g) for label, run in results.items()}
+        row = f"{g:<10}" + "".join(f"{ppl[label]:>12.2f}" for label in labels)
+        row += "".join(f"{ppl[label] - ppl[labels[0]]:>+12.2f}" for label in labels[1:])
+        for label in labels[1:]:
+            w = results[label]["weights"].get("average", {}).get(g)
+            row += f"{w:>10.3f}" if w is not None else f"{'':>10}"
+        lines.append(row)
+    lines.append(
+        "(d: difference to " + labels[0] + ", negative is better; w: time-averaged weight)"
+    )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
