@@ -118,6 +118,7 @@ class MixingAlgorithm(Algorithm):
         self._train_counts: torch.Tensor | None = None
         #: wall-clock seconds spent measuring validation losses (the method's own overhead)
         self.eval_seconds = 0.0
+        self._val_step: int | None = None  # batch of the last measurement (one per batch)
 
     # --------------------------------------------------------------- subclass hooks
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
@@ -161,7 +162,7 @@ class MixingAlgorithm(Algorithm):
             self.on_step(state, logger, step)
             if step % self.log_interval == 0:
                 self.record("train_loss", step, logger, losses=self.flush_train_losses())
-            if self.val_interval and step % self.val_interval == 0:
+            if self.val_interval and step % self.val_interval == 0 and self._val_step != step:
                 self.record("val_loss", step, logger, losses=self.validation_losses(state))
         elif event == Event.FIT_END:
             self._fit_end(state, logger)
@@ -304,6 +305,7 @@ class MixingAlgorithm(Algorithm):
 
     def validation_losses(self, state: State) -> np.ndarray:
         """Mean validation token loss per group, across ranks (collective)."""
+        self._val_step = int(state.timestamp.batch)
         started = time.perf_counter()
         if self._val_set is None:
             manifest = self.val_manifest or self.mixing_dataset.manifest
