@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "RESULTS",
     "LoadMeter",
+    "OthersMeter",
     "command_line",
     "machine_info",
     "median",
@@ -140,6 +141,51 @@ class LoadMeter:
             ours += _session_cpu_seconds(session)
         # /proc/stat on a VM occasionally jumps (more busy time than cores x wall); clamp.
         return min(max(busy - self._busy - ours, 0.0) / wall, float(os.cpu_count() or 1))
+
+
+def _descendants_cpu() -> float:
+    """CPU seconds used so far by this process's live descendants (the S3 server)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo, seen = 0.0, [os.getpid()], set()
+    while todo:
+        pid = todo.pop()
+        kids: list[int] = []
+        try:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    kids += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+        for kid in kids:
+            if kid in seen:
+                continue
+            seen.add(kid)
+            todo.append(kid)
+            try:
+                with open(f"/proc/{kid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+            except (OSError, IndexError, ValueError):
+                pass
+    return total
+
+
+class OthersMeter(LoadMeter):
+    """:class:`LoadMeter` that also leaves out our own S3 server's CPU."""
+
+    def start(self) -> None:
+        super().start()
+        self._kids = _descendants_cpu()
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float | None:
+        load = super().stop()
+        if load is None:
+            return None
+        wall = max(time.perf_counter() - self._t0, 1e-6)
+        load -= (_descendants_cpu() - self._kids) / wall
+        # /proc/stat on a VM occasionally jumps (more busy time than cores x wall); clamp.
+        return min(max(load, 0.0), float(os.cpu_count() or 1))
 
 
 def wait_for_idle(

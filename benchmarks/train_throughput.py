@@ -536,7 +536,7 @@ def launch_cell(
     layout: Layout, pipeline: str, args: argparse.Namespace, env: dict[str, str]
 ) -> dict[str, Any]:
     """One run of a cell: its nodes in fresh processes; per-rank summaries or a failure."""
-    from benchmarks.loader_throughput import OthersMeter
+    from benchmarks._common import OthersMeter
     from mixstream.testing.distributed import free_port
 
     if args.idle_timeout > 0:
