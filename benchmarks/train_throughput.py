@@ -625,30 +625,20 @@ def _error_line(log: Path) -> str:
 
 
 def prepare_corpus(args: argparse.Namespace) -> dict[str, Any]:
-    """Demo corpus -> BPE -> ``convert`` into ``s3://BUCKET/bench`` (the server is running)."""
-    from shard_tools import ConvertOptions, InputSpec, convert
-    from shard_tools.demo_corpus import build_demo_corpus
-    from shard_tools.tokenizer import train_bpe
+    """The demo's data, built the demo's way, into ``s3://BUCKET/bench`` (server running)."""
+    from mixstream.demo import build_demo_mixture
 
     work = args.workdir / f"corpus-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as cleanup, stopwatch() as sw:
         cleanup.callback(shutil.rmtree, work, ignore_errors=True)
-        groups = build_demo_corpus(work / "corpus", args.bytes_per_group)
-        texts = (
-            json.loads(line)["text"]
-            for g in groups.values()
-            for line in Path(g.path).read_text(encoding="utf-8").splitlines()
-        )
-        train_bpe(texts, VOCAB, work / "tokenizer.json")
-        options = ConvertOptions(
-            tokenizer=str(work / "tokenizer.json"),
+        report = build_demo_mixture(
+            work,
+            f"s3://{BUCKET}/bench",
+            bytes_per_group=args.bytes_per_group,
+            vocab_size=VOCAB,
             seq_len=SEQ_LEN,
-            val_fraction=0.05,
-            test_fraction=0.05,
-            shard_size="1mb",
+            say=lambda message: None,
         )
-        inputs = [InputSpec(str(g.path), group=g.name) for g in groups.values()]
-        report = convert(inputs, f"s3://{BUCKET}/bench", options)
     return {"seconds": sw.seconds, "text_mb": report.input_bytes / 1e6}
 
 
