@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -96,6 +97,23 @@ def rank_fit(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
     _, algorithm = fit(cfg)
     # Plain values only: tensors (e.g. RNG states) would outlive the rank process in the queue.
     return {"schedule": algorithm.mixing_dataset.schedule, "method": algorithm.method_state()}
+
+
+def run_script(
+    cfg: dict[str, Any], tmp: Path, name: str, expect_kill: bool = False, timeout: float = 600
+) -> None:
+    """``fit(cfg)`` in a fresh process (cwd ``tmp``); it must end killed or cleanly as expected."""
+    path = tmp / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    proc = subprocess.run(
+        [sys.executable, __file__, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=tmp,
+    )
+    assert proc.returncode == (-9 if expect_kill else 0), proc.stderr[-3000:]
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -16,6 +16,17 @@ from mixstream.testing.s3server import UNSET_ENV, S3Server
 
 
 @pytest.fixture(scope="session")
+def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small byte-tokenized 3-group mixture on local disk (read-only for the tests)."""
+    from mixture_harness import convert_corpus, write_corpus
+
+    root = tmp_path_factory.mktemp("mixture")
+    write_corpus(root / "corpus", docs_per_group=150)
+    convert_corpus(root / "corpus", str(root / "out"))
+    return str(root / "out")
+
+
+@pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     """A running S3 server with the ``mixstream`` bucket, shared by the whole session."""
     with S3Server() as server:

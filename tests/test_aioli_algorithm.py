@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from algorithm_harness import fit, rank_fit, read_jsonl
-from mixture_harness import convert_corpus, write_corpus
+from algorithm_harness import fit, rank_fit, read_jsonl, run_script
 
 from mixstream.algorithms import Aioli, AioliConfig, LearnParamsPlan
 from mixstream.testing.distributed import run_ranks
 
-HARNESS = Path(__file__).with_name("algorithm_harness.py")
 # 3 groups: LearnParams = 1 round x 3 sweeps x 2 batches = 6 batches of each 10-batch round.
 SMALL = {"update_steps": 10, "lp_rounds": 1, "lp_steps": 2, "one_hot_factor": 0.6, "eta": 1.0}
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("aioli-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 def aioli_spec(run_dir: Path, **extra: object) -> dict:
@@ -80,21 +68,6 @@ def test_ranks_agree_on_every_decision(mixture: str, tmp_path: Path) -> None:
     assert results[0]["schedule"] == results[1]["schedule"]
     assert results[0]["method"] == results[1]["method"]
     assert results[0]["method"]["round_index"] == 2
-
-
-def run_script(cfg: dict, tmp: Path, name: str, expect_kill: bool = False) -> None:
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    proc = subprocess.run(
-        [sys.executable, str(HARNESS), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=tmp,
-    )
-    expected = -9 if expect_kill else 0
-    assert proc.returncode == expected, proc.stderr[-3000:]
 
 
 def test_kill_and_resume_restores_the_algorithm_and_the_data_order(

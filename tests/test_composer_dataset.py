@@ -9,18 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from mixture_harness import convert_corpus, write_corpus
 
 HARNESS = Path(__file__).with_name("composer_harness.py")
 CHANGES = {"3": {"alpha": 0.8, "beta": 0.1, "gamma": 0.1}, "7": {"alpha": 0.0, "beta": 1.0}}
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("composer-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 def run(cfg: dict, tmp: Path, name: str, expect_kill: bool = False) -> list[dict]:

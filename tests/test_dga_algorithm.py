@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from algorithm_harness import fit
-from mixture_harness import convert_corpus, write_corpus
 
 from mixstream.algorithms import DGA
 from mixstream.composer.dga import draw_probe, probe_alignment
@@ -23,14 +22,6 @@ from mixstream.composer.signals import GroupSamples
 STEPS = 12
 SAVE_AT = 6
 DGA_KWARGS = {"target": "beta", "update_steps": 2, "eta": 2.0, "ema": 0.5}
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("dga-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 def dga_cfg(mixture: str, run_dir: Path, **kwargs: Any) -> dict[str, Any]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,10 +10,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from algorithm_harness import fit, read_jsonl
+from algorithm_harness import fit, read_jsonl, run_script
 from composer import Callback, Event, State, Trainer
 from composer.loggers import Logger
-from mixture_harness import GROUPS, convert_corpus, write_corpus
+from mixture_harness import GROUPS
 from torch.utils.data import DataLoader
 
 from mixstream import DynamicStreamingDataset, storage
@@ -25,16 +23,7 @@ from mixstream.composer.history import read_history
 from mixstream.composer.model import MixtureLM
 from mixstream.testing.distributed import run_ranks
 
-HARNESS = Path(__file__).with_name("algorithm_harness.py")
 REFERENCE_STEPS = 30
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("doremi-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 @pytest.fixture(scope="module")
@@ -294,20 +283,6 @@ def test_microbatches_pool_into_one_update(mixture: str, reference: str, tmp_pat
 
 
 # ------------------------------------------------------------------------- resume
-def run_script(cfg: dict[str, Any], tmp: Path, name: str, expect_kill: bool = False) -> None:
-    path = tmp / f"{name}.json"
-    path.write_text(json.dumps(cfg))
-    proc = subprocess.run(
-        [sys.executable, str(HARNESS), str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=tmp,
-    )
-    assert proc.returncode == (-9 if expect_kill else 0), proc.stderr[-3000:]
-
-
 def algorithm_state(checkpoint: Path) -> dict[str, Any]:
     """The DoReMi entry of a Composer checkpoint's algorithms."""
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
@@ -336,12 +311,14 @@ def test_kill_and_autoresume_is_exact(mixture: str, reference: str, tmp_path: Pa
             **extra,
         }
 
-    run_script(cfg("straight"), tmp_path, "straight")
+    run_script(cfg("straight"), tmp_path, "straight", timeout=300)
     crash = cfg("crash", autoresume=True)
-    run_script({**crash, "kill_at": 10}, tmp_path, "killed", expect_kill=True)
+    run_script({**crash, "kill_at": 10}, tmp_path, "killed", expect_kill=True, timeout=300)
     killed_rows = read_history(tmp_path / "crash")
     assert max(r["step"] for r in killed_rows) == 9  # the last update before the kill
-    run_script({**crash, "log_path": str(tmp_path / "resumed.log")}, tmp_path, "resumed")
+    run_script(
+        {**crash, "log_path": str(tmp_path / "resumed.log")}, tmp_path, "resumed", timeout=300
+    )
 
     # Same batches, same DoReMi decisions, same outputs.
     straight_batches = read_jsonl(tmp_path / "straight.log")

@@ -8,7 +8,6 @@ from typing import Any
 
 import pytest
 import yaml
-from mixture_harness import convert_corpus, write_corpus
 
 from mixstream.cli import main
 from mixstream.train.recipe import (
@@ -17,14 +16,6 @@ from mixstream.train.recipe import (
     parse_duration,
     resolve_recipe,
 )
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("recipe-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 def base(mixture: str) -> dict[str, Any]:

@@ -19,17 +19,8 @@ from typing import Any
 
 import pytest
 import yaml
-from mixture_harness import convert_corpus, write_corpus
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
-    root = tmp_path_factory.mktemp("train-mixture")
-    write_corpus(root / "corpus", docs_per_group=150)
-    convert_corpus(root / "corpus", str(root / "out"))
-    return str(root / "out")
 
 
 def recipe(mixture: str, run_dir: Path, algorithm: dict[str, Any]) -> dict[str, Any]:
