@@ -25,7 +25,7 @@ then absorb their scale.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from composer.loggers import Logger
 from mixstream.algorithms.dga import alignment, dga_update
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.composer.mixing import MixingAlgorithm
-from mixstream.composer.signals import GroupSamples, token_losses, unwrap_model
+from mixstream.composer.signals import GroupSamples, forked_rng, token_losses, unwrap_model
 from mixstream.manifest import Manifest
 
 __all__ = ["DGA", "draw_probe", "probe_alignment"]
@@ -58,13 +58,6 @@ def draw_probe(
     rng = np.random.default_rng([seed % 2**63, int(step), tag, group])
     rows = rng.choice(len(pool), size=min(size, len(pool)), replace=False)
     return {k: torch.stack([pool[i][k] for i in rows]) for k in pool[0]}
-
-
-@contextlib.contextmanager
-def _rng_forked() -> Iterator[None]:
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.enable_grad():
-        yield
 
 
 def _flat_grad(
@@ -109,7 +102,7 @@ def probe_alignment(
     if not params:
         raise ValueError(f"{type(inner).__name__} has no trainable parameters to probe")
     a = np.empty(len(group_batches), dtype=np.float64)
-    with _rng_forked():
+    with forked_rng(), torch.enable_grad():
         target = _flat_grad(inner, params, target_batch, device, precision_context)
         target_norm = float(torch.linalg.vector_norm(target.double()))
         for i, batch in enumerate(group_batches):

@@ -25,6 +25,7 @@ __all__ = [
     "GroupSamples",
     "all_reduce_sum",
     "evaluate_group_losses",
+    "forked_rng",
     "group_loss_sums",
     "token_losses",
     "unwrap_model",
@@ -137,12 +138,17 @@ class GroupSamples:
             yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}, keep
 
 
+def forked_rng() -> contextlib.AbstractContextManager[None]:
+    """Every torch RNG stream (CPU and each CUDA device in use) restored on exit."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 @contextlib.contextmanager
 def _untouched(model: torch.nn.Module) -> Iterator[None]:
     """Eval mode, no grad, and every RNG stream restored afterwards."""
     was_training = model.training
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with forked_rng(), torch.no_grad():
         model.eval()
         try:
             yield
