@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate_group_losses",
     "forked_rng",
     "group_loss_sums",
+    "sample_indices",
     "token_losses",
     "unwrap_model",
 ]
@@ -74,12 +76,17 @@ def _as_tensors(sample: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 class GroupSamples:
-    """The first ``samples_per_group`` sequences of each group's ``split``, read by index.
+    """A fixed, seeded sample of ``samples_per_group`` sequences of each group's ``split``.
 
-    Splits are assigned by a hash of the document, so the first sequences of a split are
-    as good a sample as any and the same in every run. The sequences are read once (through
-    a :class:`~mixstream.dataset.DynamicStreamingDataset` over the split, so S3 download and
-    caching are streaming's) and kept in memory: a few hundred sequences per group.
+    The sequences are drawn uniformly without replacement from the *whole* split (keyed by
+    ``sample_seed``, the split and the group name), not taken from its start: a split's
+    first sequences come from its first few documents, so a head sample measures those
+    documents rather than the group. The sample depends only on the corpus and
+    ``sample_seed``, never on the training seed, so every run of a corpus is measured on the
+    same sequences (differences between runs are paired). ``samples_per_group=None`` takes
+    the whole split. The sequences are read once (through a
+    :class:`~mixstream.dataset.DynamicStreamingDataset` over the split, so S3 download and
+    caching are streaming's) and kept in memory.
 
     Collective when constructed under torch.distributed (streaming coordinates its cache).
     """
@@ -91,6 +98,7 @@ class GroupSamples:
         groups: Sequence[str],
         samples_per_group: int | None = 64,
         local: str | None = None,
+        sample_seed: int = 0,
     ) -> None:
         from mixstream.dataset import DynamicStreamingDataset
 
@@ -110,9 +118,9 @@ class GroupSamples:
                 available = int(dataset.samples_per_stream[g])
                 if available == 0:
                     raise ValueError(f"group {name!r} has no samples in its {split!r} split")
-                n = available if samples_per_group is None else min(samples_per_group, available)
                 offset = int(dataset.sample_offset_per_stream[g])
-                self.samples.append([_as_tensors(dataset[offset + i]) for i in range(n)])
+                picks = sample_indices(available, samples_per_group, sample_seed, split, name)
+                self.samples.append([_as_tensors(dataset[offset + int(i)]) for i in picks])
         finally:
             dataset.close()
 
@@ -136,6 +144,21 @@ class GroupSamples:
             keep[: len(chunk)] = 1
             chunk = chunk + [self.samples[group][0]] * (size - len(chunk))
             yield {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}, keep
+
+
+def sample_indices(
+    available: int, count: int | None, seed: int, split: str, group: str
+) -> np.ndarray:
+    """``count`` distinct indices of ``range(available)``, uniform and sorted (all if None).
+
+    Keyed by ``(seed, split, group)`` through a hash, so the draw is the same on every rank,
+    machine and numpy version that keeps ``Generator.choice`` stable.
+    """
+    if count is None or count >= available:
+        return np.arange(available)
+    key = hashlib.blake2b(f"{seed}:{split}:{group}".encode(), digest_size=8).digest()
+    rng = np.random.default_rng(int.from_bytes(key, "little"))
+    return np.sort(rng.choice(available, size=count, replace=False))
 
 
 def forked_rng() -> contextlib.AbstractContextManager[None]:

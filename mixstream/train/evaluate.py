@@ -1,8 +1,9 @@
 """Per-group perplexity of a model on a held-out split, and the table that reports it.
 
-Every group is measured on the same fixed sequences (:class:`GroupSamples`: the first N of
-the split, read by index), so numbers from different runs of one corpus are comparable. The
-average row is the plain mean over groups: each group counts once, whatever its size.
+Every group is measured on the same fixed sequences (:class:`GroupSamples`: a seeded sample
+spread over the whole split, or all of it), so numbers from different runs of one corpus are
+comparable. The average row is the plain mean over groups: each group counts once, whatever
+its size.
 """
 
 from __future__ import annotations
