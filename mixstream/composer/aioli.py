@@ -19,6 +19,7 @@ batch already prefetched is re-planned. Validation losses are all-reduced before
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,6 +161,14 @@ class Aioli(MixingAlgorithm):
         if self.state is not None:
             weights["final"] = np.asarray(self.state.weights)
         return weights
+
+    def summary(self, step: int) -> dict[str, Any]:
+        """The settings in force (paper defaults resolved) and the share of sweep batches."""
+        if self.config is None or step < 1:
+            return {}
+        config = {k: v for k, v in dataclasses.asdict(self.config).items() if k != "prior"}
+        config["prior"] = None if self.config.prior is None else list(self.config.prior)
+        return {"aioli": {"config": config, "sweep_share": self.config.sweep_share(step)}}
 
     def method_state(self) -> dict[str, Any]:
         return {} if self.state is None else self.state.state_dict()

@@ -136,6 +136,10 @@ class MixingAlgorithm(Algorithm):
     def load_method_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`method_state` returned."""
 
+    def summary(self, step: int) -> dict[str, Any]:
+        """Extra JSON-able entries of ``weights.json`` (e.g. the method's resolved settings)."""
+        return {}
+
     def recommended_weights(self, step: int) -> dict[str, np.ndarray]:
         """The mixture this run recommends: ``final`` and time-``average`` weights."""
         schedule = self._schedule()
@@ -208,6 +212,7 @@ class MixingAlgorithm(Algorithm):
                 "steps": step,
                 **{k: self._named(v) for k, v in weights.items()},
                 "schedule": self._schedule().to_list(),
+                **self.summary(step),
             }
             tmp = self.run_dir / (WEIGHTS_FILE + ".tmp")
             tmp.write_text(json.dumps(payload, indent=2) + "\n")
