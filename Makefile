@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m mixstream.demo
+	$(PY) -m mixstream.train.demo
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from mixstream.algorithms import AioliConfig
-    from mixstream.demo import build_demo_mixture
     from mixstream.testing.s3server import S3Server
     from mixstream.train.recipe import load_recipe
+    from shard_tools.demo_mixture import build_demo_mixture
 
     methods = [m for m in args.methods.split(",") if m]
     aioli = load_recipe(RECIPES["aioli"])["algorithm"]

@@ -27,7 +27,7 @@ not permitted).
 
 Data: once per invocation the demo corpus is built from text on this machine, a BPE is
 trained and the corpus converted into a SeaweedFS S3 server on loopback, exactly as
-``mixstream.demo`` does (or ``--manifest`` points at an existing corpus). Every cell is a
+``mixstream.train.demo`` does (or ``--manifest`` points at an existing corpus). Every cell is a
 fresh set of processes with a fresh cache directory, so it downloads what it reads.
 
 Run from the repository root::
@@ -626,7 +626,7 @@ def _error_line(log: Path) -> str:
 
 def prepare_corpus(args: argparse.Namespace) -> dict[str, Any]:
     """The demo's data, built the demo's way, into ``s3://BUCKET/bench`` (server running)."""
-    from mixstream.demo import build_demo_mixture
+    from shard_tools.demo_mixture import build_demo_mixture
 
     work = args.workdir / f"corpus-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as cleanup, stopwatch() as sw:
@@ -764,7 +764,7 @@ def report(
     source = (
         f"the demo corpus ({args.bytes_per_group / 1e6:g} MB of text per group, built, "
         f"BPE-tokenized (vocab {VOCAB}) and converted into a SeaweedFS S3 server on loopback "
-        f"in {setup['seconds']:.0f} s, as `mixstream.demo` does)"
+        f"in {setup['seconds']:.0f} s, as `mixstream.train.demo` does)"
         if setup
         else f"`{args.manifest}`"
     )

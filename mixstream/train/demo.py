@@ -2,7 +2,7 @@
 
 Starts a real S3 server on loopback, builds a multi-group corpus from text already on the
 machine, trains a small BPE tokenizer on it, converts it into per-group MDS streams in S3
-(inspect table, verify pass), then trains the small GPT of ``recipes/cpu-aioli.yaml`` with
+(inspect table, verify pass), then trains the small GPT of ```recipes/cpu-aioli.yaml`` with
 Aioli streaming from S3 with live reweighting, and the same budget with ``Stratified``
 (``recipes/cpu-stratified.yaml``), and prints their per-group test perplexities side by side.
 Each run also draws its weights and per-group losses (``RUN_DIR/mixture.png``).
@@ -16,78 +16,33 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from mixstream.testing.s3server import S3Server
+from shard_tools.demo_mixture import build_demo_mixture
 
 DEFAULT_WORKDIR = Path("demo-out")
 BUCKET = "mixstream"
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 #: (label, recipe) of the demo's training runs, the anchor first
 RUNS = (("stratified", "cpu-stratified.yaml"), ("aioli", "cpu-aioli.yaml"))
+#: where ``benchmarks/quality.py`` records every run it made (the seed spread of a recipe)
+QUALITY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "quality.json"
+#: two-sided 95% quantiles of Student's t for 1..9 degrees of freedom
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
 
 
 def _say(message: str) -> None:
     print(f"[demo] {message}", flush=True)
 
 
-def build_demo_mixture(
-    workdir: Path,
-    root: str,
-    *,
-    bytes_per_group: int | None = None,
-    vocab_size: int = 4096,
-    seq_len: int = 256,
-    say: Callable[[str], None] = _say,
-) -> Any:
-    """Demo corpus -> local BPE tokenizer -> per-group MDS streams under ``root``.
-
-    ``root`` may be ``s3://``: the S3 environment must then be set (e.g. by
-    ``S3Server.apply_env``). Returns the ``ConvertReport``. Shared by the demo and the
-    benchmarks, so they all train on the same kind of data.
-    """
-    from shard_tools import ConvertOptions, InputSpec, convert
-    from shard_tools.demo_corpus import DEFAULT_GROUP_BYTES, build_demo_corpus
-    from shard_tools.tokenizer import train_bpe
-
-    corpus_dir = Path(workdir) / "corpus"
-    say(f"building the demo corpus from local text into {corpus_dir}/")
-    groups = build_demo_corpus(corpus_dir, bytes_per_group or DEFAULT_GROUP_BYTES)
-    for g in groups.values():
-        say(f"  {g.name:>6}: {g.documents:5,} documents, {g.bytes / 1e6:4.1f} MB")
-
-    tokenizer = Path(workdir) / "tokenizer.json"
-    say(f"training a {vocab_size}-token byte-level BPE tokenizer -> {tokenizer}")
-    texts = (
-        json.loads(line)["text"]
-        for g in groups.values()
-        for line in Path(g.path).read_text(encoding="utf-8").splitlines()
-    )
-    train_bpe(texts, vocab_size, tokenizer)
-
-    inputs = [InputSpec(str(g.path), group=g.name) for g in groups.values()]
-    options = ConvertOptions(
-        tokenizer=str(tokenizer),
-        seq_len=seq_len,
-        val_fraction=0.05,
-        test_fraction=0.05,
-        shard_size="1mb",
-    )
-    say(f"converting into {root} (one MDS stream per group and split)")
-    report = convert(inputs, root, options)
-    mb = report.input_bytes / 1e6
-    say(f"converted {mb:.1f} MB in {report.seconds:.1f} s ({mb / report.seconds:.1f} MB/s)")
-    return report
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixstream.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mixstream.train.demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--bytes-per-group", type=int, default=None)
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument(
         "--no-train", dest="train", action="store_false", help="stop after the data is in S3"
     )
@@ -128,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 for label, recipe in RUNS
             }
             print(compare(results), flush=True)
+            print(noise_band(results, QUALITY_RESULTS), flush=True)
             for label, _ in RUNS:
                 _say(f"{label}: weights and losses in {args.workdir / 'runs' / label}/mixture.png")
     _say(f"done in {time.perf_counter() - started:.0f} s")
@@ -170,6 +126,72 @@ def compare(results: dict[str, dict[str, Any]]) -> str:
     lines.append(
         "(d: difference to " + labels[0] + ", negative is better; w: time-averaged weight)"
     )
+    return "\n".join(lines)
+
+
+def _avg_loss(run: dict[str, Any]) -> float:
+    losses = [g["loss"] for g in run["test"]["groups"].values()]
+    return sum(losses) / len(losses)
+
+
+def noise_band(results: dict[str, dict[str, Any]], recorded: Path) -> str:
+    """The demo's difference next to the seed spread the quality benchmark measured for it.
+
+    One seed of each method cannot separate them unless the difference is well outside how
+    much the same comparison moves from seed to seed; the benchmark ran it over paired
+    seeds (``benchmarks/results/quality.json``) for the same groups and number of batches.
+    """
+    labels = list(results)
+    anchor, other = labels[0], labels[1]
+    diff = _avg_loss(results[other]) - _avg_loss(results[anchor])
+    groups = "+".join(results[anchor]["test"]["groups"])
+    steps = results[anchor]["steps"]
+    lines = [
+        "",
+        f"{other} - {anchor}, average test loss over groups: {diff:+.4f} nats/token "
+        f"(this run: one seed each, the same seed for both)",
+    ]
+    try:
+        runs = json.loads(recorded.read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        runs = []
+    by_seed: dict[str, dict[int, float]] = {anchor: {}, other: {}}
+    for r in runs:
+        if r.get("setting") == groups and r.get("steps") == steps and r.get("method") in by_seed:
+            by_seed[r["method"]][int(r["seed"])] = float(r["avg_test_loss"])
+    seeds = sorted(set(by_seed[anchor]) & set(by_seed[other]))
+    if len(seeds) < 3:
+        lines.append(
+            f"no seed spread recorded for {groups} at {steps} batches in {recorded}: run "
+            "`python -m benchmarks.quality` to measure it; until then this difference "
+            "shows that the pipeline works, not which method is better"
+        )
+        return "\n".join(lines)
+    deltas = [by_seed[other][s] - by_seed[anchor][s] for s in seeds]
+    n = len(deltas)
+    mean = sum(deltas) / n
+    sd = (sum((d - mean) ** 2 for d in deltas) / (n - 1)) ** 0.5
+    half = (_T975[n - 2] if n - 2 < len(_T975) else 1.96) * sd / n**0.5
+    base = [by_seed[anchor][s] for s in seeds]
+    base_mean = sum(base) / n
+    base_sd = (sum((b - base_mean) ** 2 for b in base) / (n - 1)) ** 0.5
+    within = abs(diff) <= 2 * sd
+    lines += [
+        f"seed noise of this comparison ({n} paired seeds, {recorded.name}): the same "
+        f"difference has sd {sd:.4f} from seed to seed (mean {mean:+.4f}, 95% interval "
+        f"[{mean - half:+.4f}, {mean + half:+.4f}]); {anchor} alone moves by sd "
+        f"{base_sd:.4f} ({100 * base_sd / base_mean:.2f}%)",
+        (
+            f"=> within noise: |{diff:+.4f}| <= 2 x {sd:.4f}; one seed cannot tell the methods "
+            "apart. The benchmark's interval is the result to quote."
+            if within
+            else f"=> outside the seed noise (|{diff:+.4f}| > 2 x {sd:.4f}); the benchmark's "
+            "interval above says how large the effect is across seeds."
+        ),
+        "What this shows: S3 streaming, live reweighting (see each run's mixture.png) and "
+        "per-group evaluation, end to end. What it does not show: a method ranking at other "
+        "scales; see benchmarks/RESULTS.md.",
+    ]
     return "\n".join(lines)
 
 
