@@ -8,6 +8,7 @@ re-running a benchmark updates its numbers in place and leaves the other section
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import re
@@ -25,20 +26,24 @@ from pathlib import Path
 
 __all__ = [
     "RESULTS",
+    "RESULTS_DIR",
     "LoadMeter",
     "OthersMeter",
     "command_line",
     "machine_info",
     "median",
+    "publish",
     "source_digest",
     "stopwatch",
     "wait_for_idle",
+    "write_results",
     "write_section",
 ]
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 RESULTS = BENCH_DIR / "RESULTS.md"
+RESULTS_DIR = BENCH_DIR / "results"
 _HEADER = (
     "# Benchmark results\n\n"
     "Each section below is written by the benchmark script named in its command line; "
@@ -342,10 +347,45 @@ def write_section(
     return path
 
 
-def publish(section: str, markdown: str, *, quick: bool, write: bool) -> None:
-    """Print a benchmark's markdown and, unless told not to, record it in RESULTS.md."""
+def publish(
+    section: str,
+    markdown: str,
+    *,
+    quick: bool,
+    write: bool,
+    name: str | None = None,
+    results: dict | None = None,
+) -> None:
+    """Print a benchmark's markdown and, unless told not to, record it.
+
+    The markdown becomes a section of ``RESULTS.md``; ``results`` (the headline numbers),
+    when given, go to ``results/<name>.json`` with the command and commit that produced them.
+    A ``quick`` run writes neither file's canonical entry: its section is titled
+    "(quick)" and its JSON is ``<name>.quick.json``.
+    """
     print("\n" + markdown + "\n")
-    if write:
-        title = section + (" (quick)" if quick else "")
-        path = write_section(title, markdown, command_line())
-        print(f"wrote section {title!r} of {path}", file=sys.stderr)
+    if not write:
+        return
+    title = section + (" (quick)" if quick else "")
+    path = write_section(title, markdown, command_line())
+    print(f"wrote section {title!r} of {path}", file=sys.stderr)
+    if results is not None and name is not None:
+        out = write_results(name + (".quick" if quick else ""), results)
+        print(f"wrote {out}", file=sys.stderr)
+
+
+def write_results(name: str, results: dict, directory: Path = RESULTS_DIR) -> Path:
+    """``results/<name>.json``: ``{"command", "commit", "date", "machine", **results}``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": command_line(),
+        "commit": _git_revision(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        **results,
+    }
+    path = directory / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

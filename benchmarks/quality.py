@@ -1,328 +1,392 @@
-"""Mixing quality: Aioli, DoReMi and DGA vs Stratified, the Aioli paper protocol at CPU scale.
+"""Mixing quality: every method against Stratified, paired over seeds, in a quiet regime.
 
-The Aioli paper (Chen et al. 2024, Table 2) trains 160M models on subsets of SlimPajama's
-groups (2, 3 and all 7) and reports each method's average test perplexity over the groups
-minus Stratified's, at the same token budget. Here: the demo corpus (4 groups of real text,
-BPE 4096, 256-token sequences) streamed from a SeaweedFS S3 server on loopback; settings of
-2, 3 and all 4 groups; every method trained with ``mixstream train`` from the CPU recipes
-(``recipes/cpu-*.yaml``) for the same number of batches, with several seeds:
+The Aioli paper (Chen et al. 2024, Table 2) trains one model per method on subsets of
+SlimPajama's groups and reports each method's average test perplexity over the groups minus
+Stratified's. Here the same protocol at CPU scale, built so that its numbers can be trusted:
 
-* ``stratified`` -- uniform (the anchor);
-* ``aioli``      -- Aioli, rounds sized so a run has several (``--aioli-update-steps``);
-* ``doremi``     -- DoReMi's 3-step pipeline: the Stratified run *is* the reference model
-  (a run on the baseline mixture), a proxy run learns the weights (official objective:
-  uniform sampling, loss reweighting), and the main run trains on their time average;
-* ``dga``        -- DGA with the target set chosen as the held-out data of the group with
-  the highest Stratified test loss (``--dga-target`` overrides);
-* ``restricted`` (all-group setting) -- weights learned by Aioli on a short run (a quarter
-  of the budget) are reused on the full run, as they are (``static-from-short``) and as the
-  prior that Aioli then adjusts (``aioli-from-short``).
+* **Quiet regime.** The CPU recipes (``recipes/cpu-*.yaml``) train a small GPT long enough
+  that Stratified's test loss has flattened; the report prints each group's unigram entropy
+  next to the losses and Stratified's seed spread (target: sd <= 0.5% of the mean).
+* **Paired seeds.** Seed s gives every method the same model init and data seed; a cell is
+  the mean over seeds of (method - Stratified) in average test loss, with its 95%
+  t-interval and wins/seeds. A cell whose interval holds 0 says ``(noise)``.
+* **Faithful protocol.** Aioli runs with the paper's settings for the number of groups
+  (``AioliConfig.defaults_for``), scaled only where a run is shorter than two rounds.
+  DoReMi is its 3-run pipeline (the Stratified run is the reference). DGA's target is named
+  (``--dga-target``) or the group with the highest *validation* loss under the paired
+  Stratified run. The restricted setting (all groups): a mixture learned by short runs
+  (``--restricted-from``, a quarter of the budget) is kept static, or trained for those
+  ``prior_steps`` and then adjusted by Aioli (the paper's setup).
+* **Run-length study.** Stratified and Aioli at several multiples of the base length in one
+  setting (``--lengths``), with the share of batches in LearnParams sweeps per cell.
 
-Each run is its own process (``python -m mixstream train``) with one torch thread; ``--jobs``
-run side by side (the anchor and the methods of a seed run in the same window, so machine
-noise hits them alike). The per-group test perplexity is computed on each group's whole
-``test`` split. ``--gpu`` runs the GPU recipes (``recipes/gpu-125m-*.yaml``) instead.
+Any corpus converted by ``shard-tools``: ``--manifest PATH|s3://...`` (the demo corpus by
+default, served from a SeaweedFS S3 server on loopback) and ``--settings`` (group subsets).
+Results: a section of ``benchmarks/RESULTS.md`` and ``benchmarks/results/quality.json``.
+Interrupted, it continues from the runs it finished (same ``--workdir``). ::
 
-Run from the repository root::
-
-    .venv/bin/python -m benchmarks.quality                       # full run (CPU, ~1 h on 2 cores)
-    .venv/bin/python -m benchmarks.quality --quick --no-write    # smoke test
+    .venv/bin/python -m benchmarks.quality --workdir /tmp/quality     # CPU, about 2 h on 2 cores
+    .venv/bin/python -m benchmarks.quality --manifest s3://bucket/corpus/mixture.json \\
+        --settings law+code,all --methods stratified,aioli --seeds 5
+    .venv/bin/python -m benchmarks.quality --quick --no-write          # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks._common import REPO_ROOT, publish
+from benchmarks._common import publish
+from benchmarks._training import (
+    RECIPES,
+    Run,
+    avg_test_loss,
+    avg_test_ppl,
+    base_overrides,
+    corpus,
+    paired,
+    relative_sd,
+    run_all,
+    unigram_entropy,
+)
 
-SETTINGS = {
-    "2 groups (legal/prose)": ["legal", "prose"],
-    "3 groups (code/legal/prose)": ["code", "legal", "prose"],
-    "all 4 groups": ["code", "docs", "legal", "prose"],
-}
+#: the demo corpus's settings, as in the paper: two groups, three, and all of them
+DEMO_SETTINGS = "legal+prose,code+legal+prose,all"
 METHODS = ("stratified", "aioli", "doremi", "dga")
-RECIPES = REPO_ROOT / "recipes"
-BUCKET = "quality"
+SHORT_RUNS = ("aioli", "dga")  # methods that can learn a restricted-setting prior alone
 
 
-@dataclass
-class Job:
-    """One ``mixstream train`` run; ``after`` names the jobs whose outputs it reads."""
-
-    name: str
-    recipe: str
-    overrides: list[str]
-    run_dir: Path
-    after: list[str] = field(default_factory=list)
-    log: Path | None = None
-
-    @property
-    def results(self) -> Path:
-        return self.run_dir / "results.json"
+def _recipe(args: argparse.Namespace, method: str) -> Path:
+    return RECIPES / f"{'gpu-125m' if args.gpu else 'cpu'}-{method}.yaml"
 
 
-def _list(values: Sequence[str]) -> str:
-    return "[" + ",".join(values) + "]"
-
-
-def plan_jobs(args: argparse.Namespace, manifest: str, out: Path) -> list[Job]:
-    """Every run of the benchmark, with its dependencies."""
-    prefix = "gpu-125m" if args.gpu else "cpu"
-    jobs: list[Job] = []
-
-    def add(name: str, method: str, groups: Sequence[str], seed: int, steps: int,
-            *extra: str, after: Sequence[str] = ()) -> Job:  # fmt: skip
-        run_dir = out / "runs" / name
-        overrides = [
-            f"run_name={name.replace('/', '-')}",
-            f"run_dir={run_dir}",
-            f"seed={seed}",
-            f"data.manifest={manifest}",
-            f"data.groups={_list(groups)}",
-            f"data.local={run_dir / 'cache'}",
-            f"max_duration={steps}ba",
-            f"save_interval={steps}ba",
-            "save_num_checkpoints_to_keep=1",
-            "autoresume=false",
-            *args.override,
-            *extra,
-        ]
-        job = Job(name, str(RECIPES / f"{prefix}-{method}.yaml"), overrides, run_dir, list(after))
-        jobs.append(job)
-        return job
-
-    aioli = [f"algorithm.update_steps={args.aioli_update_steps}"]
-    if args.aioli_lp_steps:
-        aioli.append(f"algorithm.lp_steps={args.aioli_lp_steps}")
-    if args.aioli_lp_rounds:
-        aioli.append(f"algorithm.lp_rounds={args.aioli_lp_rounds}")
-    for seed in range(args.seeds):
-        for label, groups in args.settings.items():
-            key = _slug(label)
-            base = add(f"{key}/stratified/s{seed}", "stratified", groups, seed, args.steps)
-            if "aioli" in args.methods:
-                add(f"{key}/aioli/s{seed}", "aioli", groups, seed, args.steps, *aioli)
-            if "doremi" in args.methods:
-                ckpt = base.run_dir / "checkpoints" / "latest-rank0.pt"
-                proxy = add(
-                    f"{key}/doremi-proxy/s{seed}", "doremi-proxy", groups, seed, args.steps,
-                    f"algorithm.reference_checkpoint={ckpt}", after=[base.name],
-                )  # fmt: skip
-                add(
-                    f"{key}/doremi/s{seed}", "doremi-main", groups, seed, args.steps,
-                    f"algorithm.weights_file={proxy.run_dir / 'weights.json'}",
-                    after=[proxy.name],
-                )  # fmt: skip
-            if "dga" in args.methods:
-                target = args.dga_target or "@worst"
-                add(f"{key}/dga/s{seed}", "dga", groups, seed, args.steps,
-                    f"algorithm.target={target}", f"algorithm.update_steps={args.dga_update_steps}",
-                    f"algorithm.ema={args.dga_ema}", after=[base.name])  # fmt: skip
-            if args.restricted and len(groups) == max(len(g) for g in args.settings.values()):
-                short_steps = max(args.aioli_update_steps * 2, args.steps // 4)
-                short = add(f"{key}/aioli-short/s{seed}", "aioli", groups, seed, short_steps,
-                            *aioli)  # fmt: skip
-                weights = short.run_dir / "weights.json"
-                add(f"{key}/static-from-short/s{seed}", "doremi-main", groups, seed,
-                    args.steps, f"algorithm.weights_file={weights}", "algorithm.use=final",
-                    after=[short.name])  # fmt: skip
-                add(f"{key}/aioli-from-short/s{seed}", "aioli", groups, seed, args.steps,
-                    *aioli, f"algorithm.prior={weights}", after=[short.name])  # fmt: skip
-    return jobs
-
-
-def _slug(label: str) -> str:
-    return label.split(" (")[0].replace(" ", "-")
-
-
-def _resolve_target(job: Job, jobs: dict[str, Job]) -> list[str]:
-    """``@worst``: the group with the highest test loss in the Stratified run it follows."""
-    out = []
-    for item in job.overrides:
-        if item == "algorithm.target=@worst":
-            base = json.loads(jobs[job.after[0]].results.read_text())
-            losses = {g: r["loss"] for g, r in base["test"]["groups"].items()}
-            item = f"algorithm.target={max(losses, key=losses.get)}"
-        out.append(item)
+def parse_settings(spec: str, groups: Sequence[str]) -> dict[str, list[str]]:
+    """``"2,law+code,all"`` -> {"a+b": groups}: a number k is the manifest's first k groups."""
+    out: dict[str, list[str]] = {}
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        if item == "all":
+            chosen = list(groups)
+        elif item.isdigit():
+            chosen = list(groups[: int(item)])
+            if len(chosen) != int(item):
+                raise SystemExit(f"--settings {item}: the corpus has only {len(groups)} groups")
+        else:
+            chosen = item.split("+")
+            unknown = [g for g in chosen if g not in groups]
+            if unknown:
+                raise SystemExit(f"--settings {item}: no group(s) {unknown}; groups: {groups}")
+        if len(chosen) < 2:
+            raise SystemExit(f"--settings {item}: a setting mixes at least 2 groups")
+        out["+".join(chosen)] = chosen
     return out
 
 
-def run_job(job: Job, jobs: dict[str, Job], env: dict[str, str]) -> float:
-    """Run one job to completion; returns its wall-clock seconds (0: done by an earlier call).
+def aioli_overrides(num_groups: int, steps: int, val_samples: int) -> tuple[list[str], str]:
+    """The paper's settings for ``num_groups``, scaled down only to fit two rounds in a run.
 
-    Runs that finished before (their ``results.json`` exists in ``--workdir``) are kept, so an
-    interrupted benchmark continues where it stopped.
+    Scaling shrinks the round and the sweeps by the same factor (sweeps at least one batch),
+    then drops LearnParams repetitions until half of each round is left for the learned
+    mixture.
     """
-    if job.results.exists():
-        return 0.0
-    shutil.rmtree(job.run_dir, ignore_errors=True)  # a run cut short starts over
-    job.run_dir.mkdir(parents=True, exist_ok=True)
-    job.log = job.run_dir / "train.log"
-    cmd = [sys.executable, "-m", "mixstream", "train", job.recipe, *_resolve_target(job, jobs)]
-    started = time.perf_counter()
-    with open(job.log, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
-    if proc.returncode != 0:
-        tail = job.log.read_text()[-3000:]
-        raise RuntimeError(f"{job.name} failed ({proc.returncode}):\n{tail}")
-    return time.perf_counter() - started
+    from mixstream.algorithms.aioli import AioliConfig
+
+    paper = AioliConfig.defaults_for(num_groups)
+    extra = [f"data.val_samples_per_group={val_samples}"]
+    if steps >= 2 * paper.update_steps:
+        return extra, "paper settings"
+    factor = steps / (2 * paper.update_steps)
+    update = steps // 2
+    lp_steps = max(1, round(paper.lp_steps * factor))
+    lp_rounds = paper.lp_rounds
+    while lp_rounds > 1 and lp_rounds * num_groups * lp_steps > update // 2:
+        lp_rounds -= 1
+    if lp_rounds * num_groups * lp_steps >= update - 1:
+        raise SystemExit(
+            f"a {steps}-batch run is too short for Aioli on {num_groups} groups (one sweep of "
+            f"each group takes {num_groups * lp_steps} batches of a {update}-batch round); "
+            "raise --steps"
+        )
+    extra += [f"algorithm.update_steps={update}", f"algorithm.lp_steps={lp_steps}",
+              f"algorithm.lp_rounds={lp_rounds}"]  # fmt: skip
+    return extra, (f"rounds scaled x{factor:.2f} (update_steps {update}, lp_steps {lp_steps}, "
+                   f"lp_rounds {lp_rounds})")  # fmt: skip
 
 
-def run_all(jobs: list[Job], parallel: int, env: dict[str, str]) -> dict[str, float]:
-    """Run jobs respecting ``after``, ``parallel`` at a time, in the listed order."""
-    by_name = {j.name: j for j in jobs}
-    pending = list(jobs)
-    done: dict[str, float] = {}
-    running: dict[Future, Job] = {}
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        while pending or running:
-            for job in list(pending):
-                if len(running) >= parallel:
-                    break
-                if all(d in done for d in job.after):
-                    pending.remove(job)
-                    running[pool.submit(run_job, job, by_name, env)] = job
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                job = running.pop(future)
-                done[job.name] = future.result()
-                print(f"[quality] {len(done)}/{len(jobs)} {job.name}: "
-                      f"{done[job.name]:.0f} s", flush=True)  # fmt: skip
-    return done
+def worst_on_val(stratified: Run) -> str:
+    """The group with the highest validation loss at the end of a Stratified run."""
+    rows = stratified.history("val_loss")
+    if not rows:
+        raise RuntimeError(f"{stratified.name} logged no validation loss (eval_interval?)")
+    losses = rows[-1]["losses"]
+    return max(losses, key=losses.get)
+
+
+def _dga_target(args: argparse.Namespace, stratified: Run) -> dict[str, Any]:
+    """DGA's target: ``--dga-target``, else the paired Stratified run's worst group on val."""
+    if args.dga_target:
+        return {"more": [f"algorithm.target={args.dga_target}"]}
+
+    def chosen(done: dict[str, Run]) -> list[str]:
+        return [f"algorithm.target={worst_on_val(done[stratified.name])}"]
+
+    return {"after": [stratified.name], "late": chosen}
+
+
+def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
+    """Every run of the benchmark, with its dependencies, in the order they should run."""
+    runs: list[Run] = []
+
+    def add(setting: str, method: str, seed: int, groups: Sequence[str], steps: int,
+            recipe: str, *extra: str, after: Sequence[str] = (),
+            late: Callable[[dict[str, Run]], list[str]] | None = None,
+            more: Sequence[str] = ()) -> Run:  # fmt: skip
+        name = f"{setting}/{method}/s{seed}"
+        run_dir = out / "runs" / name
+        overrides = base_overrides(name, run_dir, seed, manifest, groups, steps)
+        overrides += [f"eval_interval={max(1, steps // 4)}ba", *args.override, *extra, *more]
+        run = Run(name, _recipe(args, recipe), overrides, run_dir, list(after), late)
+        runs.append(run)
+        return run
+
+    def aioli(groups: Sequence[str], steps: int) -> list[str]:
+        return aioli_overrides(len(groups), steps, args.val_samples)[0]
+
+    # Three passes (main table, restricted setting, run lengths), each seed by seed, so an
+    # interrupted benchmark has whole seeds of the most important table first.
+    study_key, study_groups = max(args.settings.items(), key=lambda item: len(item[1]))
+    strat: dict[tuple[str, int], Run] = {}
+    for seed in range(args.seeds):
+        for key, groups in args.settings.items():
+            base = strat[key, seed] = add(key, "stratified", seed, groups, args.steps,
+                                          "stratified")  # fmt: skip
+            if "aioli" in args.methods:
+                add(key, "aioli", seed, groups, args.steps, "aioli", *aioli(groups, args.steps))
+            if "doremi" in args.methods:
+                ckpt = base.run_dir / "checkpoints" / "latest-rank0.pt"
+                proxy = add(key, "doremi-proxy", seed, groups, args.steps, "doremi-proxy",
+                            f"algorithm.reference_checkpoint={ckpt}",
+                            after=[base.name])  # fmt: skip
+                add(key, "doremi", seed, groups, args.steps, "doremi-main",
+                    f"algorithm.weights_file={proxy.run_dir / 'weights.json'}",
+                    after=[proxy.name])  # fmt: skip
+            if "dga" in args.methods:
+                add(key, "dga", seed, groups, args.steps, "dga", **_dga_target(args, base))
+    for seed in range(args.seeds if args.restricted else 0):
+        key, groups, short = study_key, study_groups, max(1, args.steps // 4)
+        for src in args.restricted_from:
+            if src == "aioli":
+                prior = add(key, "aioli-short", seed, groups, short, "aioli",
+                            *aioli(groups, short))  # fmt: skip
+            else:
+                prior = add(key, "dga-short", seed, groups, short, "dga",
+                            **_dga_target(args, strat[key, seed]))  # fmt: skip
+            weights = prior.run_dir / "weights.json"
+            add(key, f"static-from-{src}", seed, groups, args.steps, "doremi-main",
+                f"algorithm.weights_file={weights}", after=[prior.name])  # fmt: skip
+            add(key, f"aioli-from-{src}", seed, groups, args.steps, "aioli",
+                *aioli(groups, args.steps - short), f"algorithm.prior={weights}",
+                f"algorithm.prior_steps={short}", after=[prior.name])  # fmt: skip
+    for seed in range(min(args.length_seeds, args.seeds) if args.lengths else 0):
+        for factor in args.lengths:
+            if factor == 1:
+                continue  # the main table's runs
+            steps = max(1, round(args.steps * factor))
+            for method in ("stratified", "aioli"):
+                extra = aioli(study_groups, steps) if method == "aioli" else []
+                add(study_key, f"{method}@{factor:g}x", seed, study_groups, steps, method,
+                    *extra)  # fmt: skip
+    return runs
 
 
 # --------------------------------------------------------------------------- report
-def _avg_ppl(results: dict[str, Any]) -> float:
-    """Average over groups of the test perplexity (the paper's metric)."""
-    groups = results["test"]["groups"]
-    return statistics.fmean(math.exp(r["loss"]) for r in groups.values())
-
-
-def _mean_sd(values: Sequence[float]) -> str:
-    if not values:
-        return "--"
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):+.2f} ± {sd:.2f}"
-
-
-def report(jobs: list[Job], args: argparse.Namespace, seconds: dict[str, float]) -> str:
+def _table(runs: Sequence[Run]) -> dict[tuple[str, str], dict[int, dict[str, Any]]]:
     table: dict[tuple[str, str], dict[int, dict[str, Any]]] = {}
-    for job in jobs:
-        key, method, seed = job.name.split("/")
-        if method in ("doremi-proxy", "aioli-short"):
+    for run in runs:
+        setting, method, seed = run.name.split("/")
+        if run.results_file.exists():
+            table.setdefault((setting, method), {})[int(seed[1:])] = run.results()
+    return table
+
+
+def _sweep_share(run: Run) -> float:
+    """Share of the run's batches in LearnParams sweeps (0 for methods without sweeps)."""
+    weights = json.loads((run.run_dir / "weights.json").read_text())
+    return float(weights.get("aioli", {}).get("sweep_share", 0.0))
+
+
+def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, float]
+           ) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    table = _table(runs)
+    records = []
+    for run in runs:
+        setting, method, seed = run.name.split("/")
+        if not run.results_file.exists() or method.endswith("-short") or method == "doremi-proxy":
             continue
-        table.setdefault((key, method), {})[int(seed[1:])] = json.loads(job.results.read_text())
-    settings = [_slug(label) for label in args.settings]
-    methods = [m for m in (*METHODS, "static-from-short", "aioli-from-short")
-               if any((s, m) in table for s in settings)]  # fmt: skip
+        res = run.results()
+        records.append({
+            "setting": setting, "method": method, "seed": int(seed[1:]),
+            "avg_test_loss": avg_test_loss(res), "avg_test_ppl": avg_test_ppl(res),
+            "group_test_loss": {g: v["loss"] for g, v in res["test"]["groups"].items()},
+            "steps": res["steps"], "sweep_share": _sweep_share(run),
+            "weights_average": res["weights"].get("average"),
+        })  # fmt: skip
+    settings = list(args.settings)
+    methods = list(dict.fromkeys(r["method"] for r in records if "@" not in r["method"]))
     lines = [
-        f"{args.seeds} seeds x {args.steps} batches of {args.batch} x 256 tokens per run "
-        f"({args.steps * args.batch * 256 / 1e6:.2f}M tokens); model: {args.model_desc}. "
-        "Cells: average over groups of the test perplexity minus Stratified's, mean ± sd "
-        "over seeds (negative = better than Stratified); `wins` = seeds where the method beat "
-        "Stratified. Anchor row: Stratified's average test perplexity.",
+        f"{args.seeds} paired seeds (seed = model init and data seed, shared by every method) x "
+        f"{args.steps} batches per run; recipes `recipes/{'gpu-125m' if args.gpu else 'cpu'}-"
+        f"*.yaml`{' with ' + ' '.join(args.override) if args.override else ''}. "
+        "Cells: mean over seeds of (method - Stratified) in average test loss over groups "
+        "(nats/token), its 95% t-interval, and wins/seeds; `(noise)`: the interval holds 0. "
+        "Negative is better.",
         "",
-        "| method | " + " | ".join(settings) + " |",
-        "|---" * (len(settings) + 1) + "|",
+        "**Anchor.** Stratified's average test loss (mean ± sd over seeds, relative sd) and "
+        "each group's unigram entropy on its test split (a model that only knows token "
+        "frequencies):",
+        "",
+        "| setting | Stratified avg test loss | relative sd | avg test ppl | unigram entropy |",
+        "|---|---:|---:|---:|---|",
     ]
-    anchor = []
     for s in settings:
-        vals = [_avg_ppl(r) for r in table.get((s, "stratified"), {}).values()]
-        anchor.append(f"{statistics.fmean(vals):.2f}" if vals else "--")
-    lines.append("| stratified (avg ppl) | " + " | ".join(anchor) + " |")
+        base = table.get((s, "stratified"), {})
+        if len(base) < 2:
+            continue
+        losses = [avg_test_loss(r) for r in base.values()]
+        ppl = statistics.fmean(avg_test_ppl(r) for r in base.values())
+        ent = " ".join(f"{g} {entropy[g]:.2f}" for g in args.settings[s] if g in entropy)
+        lines.append(f"| {s} | {statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f} "
+                     f"| {100 * relative_sd(losses):.2f}% | {ppl:.2f} | {ent} |")  # fmt: skip
+    lines += ["", "**Methods vs Stratified** (avg test loss difference; the perplexity "
+              "difference below it):", "", "| method | " + " | ".join(settings) + " |",
+              "|---" * (len(settings) + 1) + "|"]  # fmt: skip
     for m in methods:
         if m == "stratified":
             continue
-        cells = []
+        cells, ppl_cells = [], []
         for s in settings:
-            runs, base = table.get((s, m), {}), table.get((s, "stratified"), {})
-            deltas = [_avg_ppl(runs[k]) - _avg_ppl(base[k]) for k in runs if k in base]
-            wins = sum(d < 0 for d in deltas)
-            cells.append(f"{_mean_sd(deltas)} (wins {wins}/{len(deltas)})" if deltas else "--")
+            runs_m, base = table.get((s, m), {}), table.get((s, "stratified"), {})
+            d = paired({k: avg_test_loss(v) for k, v in runs_m.items()},
+                       {k: avg_test_loss(v) for k, v in base.items()})  # fmt: skip
+            dp = paired({k: avg_test_ppl(v) for k, v in runs_m.items()},
+                        {k: avg_test_ppl(v) for k, v in base.items()})  # fmt: skip
+            cells.append(d.cell(4) if d else "--")
+            ppl_cells.append(dp.cell(2) if dp else "--")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Per-group test perplexity (mean over seeds) and learned weights:", ""]
+        lines.append(f"| {m} (ppl) | " + " | ".join(ppl_cells) + " |")
+    lines += ["", "Per-group test loss (mean over seeds) and time-averaged weights:", ""]
     for s in settings:
-        groups = args.settings[next(lab for lab in args.settings if _slug(lab) == s)]
-        lines.append(f"| {s} | " + " | ".join(groups) + " | weights (average) |")
-        lines.append("|---" * (len(groups) + 2) + "|")
+        groups = args.settings[s]
+        lines += [
+            f"| {s} | " + " | ".join(groups) + " | weights |",
+            "|---" * (len(groups) + 2) + "|",
+        ]
         for m in methods:
-            runs = table.get((s, m), {})
-            if not runs:
+            rs = table.get((s, m), {})
+            if not rs:
                 continue
-            ppl = [statistics.fmean(math.exp(r["test"]["groups"][g]["loss"]) for r in runs.values())
-                   for g in groups]  # fmt: skip
-            w = [statistics.fmean(r["weights"].get("average", {}).get(g, float("nan"))
-                                  for r in runs.values()) for g in groups]  # fmt: skip
-            lines.append(f"| {m} | " + " | ".join(f"{p:.2f}" for p in ppl) + " | "
-                         + " / ".join(f"{x:.2f}" for x in w) + " |")  # fmt: skip
+            loss = [statistics.fmean(r["test"]["groups"][g]["loss"] for r in rs.values())
+                    for g in groups]  # fmt: skip
+            w = [statistics.fmean((r["weights"].get("average") or {}).get(g, float("nan"))
+                                  for r in rs.values()) for g in groups]  # fmt: skip
+            lines.append(f"| {m} | " + " | ".join(f"{x:.4f}" for x in loss) + " | "
+                         + " / ".join(f"{x:.3f}" for x in w) + " |")  # fmt: skip
         lines.append("")
-    total = sum(seconds.values())
-    lines.append(
-        f"{len(seconds)} runs ({total / 60:.0f} job-minutes in this invocation, {args.jobs} at a "
-        "time, one torch thread each)."
-    )
-    return "\n".join(lines)
+    if args.lengths:
+        s = max(settings, key=lambda k: len(args.settings[k]))
+        lines += [f"**Run-length study** ({s}, seeds 0-{args.length_seeds - 1}): Aioli - "
+                  "Stratified in average test loss at each length, and the share of batches "
+                  "in LearnParams sweeps.", "",
+                  "| length | batches | Stratified avg test loss | Aioli - Stratified "
+                  "| sweep share |",
+                  "|---|---:|---:|---|---:|"]  # fmt: skip
+        for factor in args.lengths:
+            tag = "" if factor == 1 else f"@{factor:g}x"
+            base = {k: v for k, v in table.get((s, f"stratified{tag}"), {}).items()
+                    if k < args.length_seeds}  # fmt: skip
+            aio = {k: v for k, v in table.get((s, f"aioli{tag}"), {}).items()
+                   if k < args.length_seeds}  # fmt: skip
+            d = paired({k: avg_test_loss(v) for k, v in aio.items()},
+                       {k: avg_test_loss(v) for k, v in base.items()})  # fmt: skip
+            if not base or d is None:
+                continue
+            steps = next(iter(base.values()))["steps"]
+            share = [r["sweep_share"] for r in records
+                     if r["setting"] == s and r["method"] == f"aioli{tag}"]  # fmt: skip
+            mean_base = statistics.fmean(avg_test_loss(v) for v in base.values())
+            lines.append(f"| {factor:g}x | {steps} | {mean_base:.4f} | {d.cell(4)} | "
+                         f"{100 * statistics.fmean(share):.0f}% |")  # fmt: skip
+        lines.append("")
+    results = {"settings": args.settings, "unigram_entropy": entropy, "runs": records}
+    return "\n".join(lines), results
 
 
 # --------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300, help="batches per run")
-    parser.add_argument("--batch", type=int, default=16, help="global batch size")
+    parser.add_argument("--manifest", default=None, help="a converted corpus (default: demo)")
+    parser.add_argument("--settings", default=None,
+                        help=f"comma list of group subsets: k (first k groups), a+b+c, all "
+                             f"(demo default: {DEMO_SETTINGS}; own corpus: all)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="batches per run (recipe's)")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--settings", default="all", help="comma list of 2,3,4 or 'all'")
-    parser.add_argument("--aioli-update-steps", type=int, default=60)
-    parser.add_argument("--aioli-lp-steps", type=int, default=None)
-    parser.add_argument("--aioli-lp-rounds", type=int, default=1)
-    parser.add_argument("--dga-target", default=None)
-    parser.add_argument("--dga-update-steps", type=int, default=10)
-    parser.add_argument("--dga-ema", type=float, default=0.5)
+    parser.add_argument("--val-samples", type=int, default=128,
+                        help="Aioli's validation sequences per group")  # fmt: skip
+    parser.add_argument("--dga-target", default=None, help="default: worst on val")
+    parser.add_argument("--restricted-from", default=",".join(SHORT_RUNS))
     parser.add_argument("--no-restricted", dest="restricted", action="store_false")
+    parser.add_argument("--lengths", default="0.5,1,2", help="run-length multiples ('' off)")
+    parser.add_argument("--length-seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side")
-    parser.add_argument("--gpu", action="store_true", help="use the GPU (125M) recipes")
+    parser.add_argument("--gpu", action="store_true", help="the GPU (125M) recipes")
     parser.add_argument("--override", action="append", default=[], help="recipe key=value")
+    parser.add_argument("--vocab-size", type=int, default=1024, help="demo corpus BPE")
+    parser.add_argument("--seq-len", type=int, default=128, help="demo corpus sample length")
     parser.add_argument("--workdir", type=Path, default=None)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 2 settings, 40 steps")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 60 batches, 2 settings")
     parser.add_argument("--no-write", dest="write", action="store_false")
     args = parser.parse_args(argv)
     if args.quick:
-        args.seeds, args.steps, args.aioli_update_steps = 1, 40, 20
-        args.settings = "2,4"
-    wanted = {"2", "3", "4"} if args.settings == "all" else set(args.settings.split(","))
-    args.settings = {k: v for k, v in SETTINGS.items() if str(len(v)) in wanted}
-    args.methods = [m for m in args.methods.split(",") if m]
-    args.override = [f"data.global_batch_size={args.batch}", *args.override]
-    args.model_desc = "recipe default" if not args.override[1:] else " ".join(args.override[1:])
+        args.seeds, args.steps, args.length_seeds = 2, args.steps or 60, 1
+        args.lengths = "1,2"
+        args.settings = args.settings or ("2,all" if args.manifest else "legal+prose,all")
+        args.override = ["model.n_layer=1", "model.n_embd=32", "model.n_head=2", *args.override]
+    if args.steps is None:
+        from mixstream.train.recipe import load_recipe, parse_duration
 
-    from mixstream.demo import build_demo_mixture
-    from mixstream.testing.s3server import S3Server
+        recipe = load_recipe(_recipe(args, "stratified"))
+        duration = parse_duration(recipe["max_duration"], "max_duration")
+        if duration.unit != "ba":
+            raise SystemExit(f"the recipe's max_duration is {duration}; pass --steps")
+        args.steps = int(duration.value)
+    args.methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in args.methods if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    args.restricted_from = [m for m in args.restricted_from.split(",") if m]
+    args.lengths = [float(x) for x in args.lengths.split(",") if x.strip()]
 
     out = args.workdir or Path(tempfile.mkdtemp(prefix="mixstream-quality-"))
-    with S3Server(buckets=(BUCKET,)) as server, server.apply_env():
-        manifest = f"s3://{BUCKET}/corpus/mixture.json"
-        build_demo_mixture(out / "data", f"s3://{BUCKET}/corpus", say=lambda m: None)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        jobs = plan_jobs(args, manifest, out)
-        print(f"[quality] {len(jobs)} runs into {out}", flush=True)
-        seconds = run_all(jobs, args.jobs, env)
-    markdown = report(jobs, args, seconds)
-    publish("Mixing quality (Aioli paper protocol, CPU scale)", markdown,
-            quick=args.quick, write=args.write)  # fmt: skip
+    with corpus(args.manifest, out, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                bucket="quality") as manifest:  # fmt: skip
+        from mixstream.manifest import Manifest
+
+        groups = Manifest.load(manifest).group_names
+        spec = args.settings or (DEMO_SETTINGS if args.manifest is None else "all")
+        args.settings = parse_settings(spec, groups)
+        runs = plan_runs(args, manifest, out)
+        print(f"[quality] {len(runs)} runs into {out}", flush=True)
+        run_all(runs, args.jobs, say=lambda m: print(f"[quality] {m}", flush=True))
+        entropy = unigram_entropy(manifest, "test", groups)
+    markdown, results = report(args, runs, entropy)
+    publish("Mixing quality (paired seeds)", markdown, quick=args.quick, write=args.write,
+            name="quality", results=results)  # fmt: skip
     return 0
 
 

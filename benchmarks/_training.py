@@ -1,0 +1,251 @@
+"""Harness shared by the benchmarks that train models (quality, Aioli's sweep ablations).
+
+* :class:`Run`: one ``mixstream train`` process with its recipe overrides and the runs whose
+  outputs it reads; :func:`run_all` runs them ``jobs`` at a time in dependency order, keeps
+  the ones that finished in an earlier invocation (so a benchmark resumes where it stopped)
+  and starts a run cut short over.
+* :func:`corpus`: the manifest to train on: the user's (``--manifest``), or the demo corpus
+  built locally and served from a SeaweedFS S3 server on loopback.
+* Paired statistics: :func:`paired` turns per-seed differences (method minus anchor, same
+  seed = same init and data seed) into a mean, a 95% t-interval and wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import REPO_ROOT
+
+RECIPES = REPO_ROOT / "recipes"
+
+#: two-sided 95% quantiles of Student's t, by degrees of freedom (1..30); larger df use 1.96
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One ``mixstream train`` run; ``after`` names the runs whose outputs it reads."""
+
+    name: str
+    recipe: Path
+    overrides: list[str]
+    run_dir: Path
+    after: list[str] = field(default_factory=list)
+    #: called with the finished runs by name just before this one starts: more overrides
+    late_overrides: Callable[[dict[str, Run]], list[str]] | None = None
+
+    @property
+    def results_file(self) -> Path:
+        return self.run_dir / "results.json"
+
+    def results(self) -> dict[str, Any]:
+        return json.loads(self.results_file.read_text())
+
+    def history(self, kind: str) -> list[dict[str, Any]]:
+        """Rows of ``kind`` in the run's ``mixture_history.jsonl``."""
+        path = self.run_dir / "mixture_history.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [r for r in rows if r.get("kind") == kind]
+
+
+def base_overrides(name: str, run_dir: Path, seed: int, manifest: str, groups: Sequence[str],
+                   steps: int) -> list[str]:  # fmt: skip
+    """What every benchmark run sets: its folder, seed, data, length; no autoresume."""
+    return [
+        f"run_name={name.replace('/', '-')}",
+        f"run_dir={run_dir}",
+        f"seed={seed}",
+        f"data.manifest={manifest}",
+        f"data.groups=[{','.join(groups)}]",
+        f"data.local={run_dir / 'cache'}",
+        f"max_duration={steps}ba",
+        f"save_interval={steps}ba",
+        "save_num_checkpoints_to_keep=1",
+        "autoresume=false",
+        "console_log_interval=100000ba",
+    ]
+
+
+def _run_one(run: Run, done: dict[str, Run], env: dict[str, str]) -> bool:
+    """Train ``run`` unless an earlier invocation finished it; True if it trained now."""
+    if run.results_file.exists():
+        return False
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # a run cut short starts over
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    extra = run.late_overrides(done) if run.late_overrides else []
+    cmd = [sys.executable, "-m", "mixstream", "train", str(run.recipe), *run.overrides, *extra]
+    log = run.run_dir / "train.log"
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{run.name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    shutil.rmtree(run.run_dir / "cache", ignore_errors=True)
+    return True
+
+
+def run_all(runs: Sequence[Run], jobs: int, say: Callable[[str], None] = print) -> None:
+    """Run ``runs`` respecting ``after``, ``jobs`` at a time, in the listed order.
+
+    Each run is one process with one torch thread, so ``jobs`` = cores keeps them from
+    contending; runs planned next to each other (a method and its anchor of the same seed)
+    share the machine's state alike.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    by_name = {r.name: r for r in runs}
+    unknown = {a for r in runs for a in r.after if a not in by_name}
+    if unknown:
+        raise ValueError(f"runs depend on runs that are not planned: {sorted(unknown)}")
+    pending = list(runs)
+    done: dict[str, Run] = {}
+    running: dict[Future, Run] = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        while pending or running:
+            for run in list(pending):
+                if len(running) >= jobs:
+                    break
+                if all(a in done for a in run.after):
+                    pending.remove(run)
+                    running[pool.submit(_run_one, run, dict(done), env)] = run
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                trained = future.result()
+                done[run.name] = run
+                say(f"{len(done)}/{len(runs)} {run.name}" + ("" if trained else " (kept)"))
+
+
+# --------------------------------------------------------------------------- corpus
+@contextlib.contextmanager
+def corpus(
+    manifest: str | None,
+    workdir: Path,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    bucket: str = "bench",
+    say: Callable[[str], None] = print,
+) -> Iterator[str]:
+    """The manifest to train on, with the S3 environment set while the block runs.
+
+    A user's ``manifest`` (local path or ``s3://``, with their own S3 environment) is used as
+    it is. Without one, the demo corpus is built under ``workdir`` (kept between
+    invocations) with a BPE of ``vocab_size`` and ``seq_len``-token samples, and served
+    from a SeaweedFS S3 server on loopback, so every run streams from S3.
+    """
+    if manifest is not None:
+        yield manifest
+        return
+    from mixstream.testing.s3server import S3Server
+    from shard_tools.demo_mixture import build_demo_mixture
+
+    local = workdir / "corpus"
+    if not (local / "mixture.json").exists():
+        shutil.rmtree(local, ignore_errors=True)
+        build_demo_mixture(workdir / "data", str(local), vocab_size=vocab_size,
+                           seq_len=seq_len, say=say)  # fmt: skip
+    with S3Server(buckets=(bucket,)) as server, server.apply_env():
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=server.endpoint_url)
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            s3.upload_file(str(path), bucket, f"corpus/{path.relative_to(local)}")
+        yield f"s3://{bucket}/corpus/mixture.json"
+
+
+def unigram_entropy(manifest: str, split: str, groups: Sequence[str]) -> dict[str, float]:
+    """Entropy (nats/token) of each group's unigram distribution on ``split``.
+
+    The loss of a model that knows token frequencies and nothing else: a trained model's
+    loss below it says how much context it has learned.
+    """
+    import numpy as np
+
+    from mixstream.composer.signals import GroupSamples
+
+    samples = GroupSamples(manifest, split, groups, samples_per_group=None)
+    out = {}
+    for g, name in enumerate(groups):
+        ids = np.concatenate([s["input_ids"].numpy().reshape(-1) for s in samples.samples[g]])
+        p = np.bincount(ids.astype(np.int64)).astype(np.float64)
+        p = p[p > 0] / p.sum()
+        out[name] = float(-(p * np.log(p)).sum())
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+def avg_test_loss(results: dict[str, Any]) -> float:
+    """Mean over groups of the per-group test loss (each group counts once)."""
+    return statistics.fmean(r["loss"] for r in results["test"]["groups"].values())
+
+
+def avg_test_ppl(results: dict[str, Any]) -> float:
+    """Mean over groups of the per-group test perplexity (the Aioli paper's metric)."""
+    return statistics.fmean(math.exp(r["loss"]) for r in results["test"]["groups"].values())
+
+
+def t975(df: int) -> float:
+    return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
+
+
+@dataclass(frozen=True)
+class Paired:
+    """Per-seed differences summarised: mean, 95% t-interval over seeds, wins (< 0)."""
+
+    deltas: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.deltas)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.deltas)
+
+    @property
+    def sd(self) -> float:
+        return statistics.stdev(self.deltas) if self.n > 1 else float("nan")
+
+    @property
+    def half_width(self) -> float:
+        return t975(self.n - 1) * self.sd / math.sqrt(self.n) if self.n > 1 else float("inf")
+
+    @property
+    def wins(self) -> int:
+        return sum(d < 0 for d in self.deltas)
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0."""
+        return self.n > 1 and abs(self.mean) > self.half_width
+
+    def cell(self, digits: int = 3) -> str:
+        """``+0.012 [+0.004, +0.020] 5/5`` or, when the interval holds 0, ``... (noise)``."""
+        lo, hi = self.mean - self.half_width, self.mean + self.half_width
+        text = f"{self.mean:+.{digits}f} [{lo:+.{digits}f}, {hi:+.{digits}f}]"
+        return f"{text} {self.wins}/{self.n}" + ("" if self.significant else " (noise)")
+
+
+def paired(values: dict[int, float], anchor: dict[int, float]) -> Paired | None:
+    """Differences ``values[seed] - anchor[seed]`` over the seeds both have."""
+    seeds = sorted(set(values) & set(anchor))
+    return Paired(tuple(values[s] - anchor[s] for s in seeds)) if seeds else None
+
+
+def relative_sd(values: Sequence[float]) -> float:
+    """Sample sd / mean (the seed spread of one configuration)."""
+    return statistics.stdev(values) / statistics.fmean(values) if len(values) > 1 else math.nan

@@ -1,0 +1,241 @@
+"""What Aioli's LearnParams sweeps cost, and which settings make them cheap (paired ablations).
+
+Aioli estimates its mixing law from *sweeps*: short stretches that train on one group's
+skewed mixture. Sweeps leave the learned mixture, so on a budget they can cost more than the
+mixture gains. Each row here changes one thing against the paper's settings, trains Aioli
+and its Stratified twin (same seed = same init and data seed, same change where it applies
+to both, e.g. the learning rate) and reports Aioli - Stratified in average test loss with a
+95% interval over seeds, next to the share of batches spent in sweeps.
+
+A second table measures whether the estimate is above its noise, from the paper-setting
+runs: per round, the spread of each sweep's loss drops across the ``lp_rounds`` repetitions
+against the differences between groups that the EG step acts on, and how often the most
+upweighted group agrees between consecutive rounds. A third compares the sweep drops
+``beta`` measured on ``--val-samples`` validation sequences per group with those on the
+whole val split (round 0 only, where every run trains on the same batches).
+
+Shares its runs with ``benchmarks.quality`` when given the same ``--workdir`` (the
+all-group Stratified and Aioli runs). ::
+
+    .venv/bin/python -m benchmarks.aioli_sweeps --workdir /tmp/quality
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks._common import publish
+from benchmarks._training import (
+    RECIPES,
+    Run,
+    avg_test_loss,
+    base_overrides,
+    corpus,
+    paired,
+    run_all,
+)
+
+#: label -> (run tag, Aioli overrides, overrides of Aioli and its Stratified twin, steps factor)
+VARIANTS: dict[str, tuple[str, list[str], list[str], float]] = {
+    "paper settings": ("", [], [], 1.0),
+    "lp_steps 2 (sweeps 3x shorter)": ("~lp2", ["algorithm.lp_steps=2"], [], 1.0),
+    "lp_steps 1": ("~lp1", ["algorithm.lp_steps=1"], [], 1.0),
+    "one_hot_factor 0.35 (toward 1/m)": ("~f035", ["algorithm.one_hot_factor=0.35"], [], 1.0),
+    "stratified warm-up (prior_steps 250)": ("~warm250", ["algorithm.prior_steps=250"], [], 1.0),
+    "lr 3e-3 (both)": ("~lr3e-3", [], ["optimizer.lr=3.0e-3"], 1.0),
+    "batch 32, same tokens (both)": ("~b32", [], ["data.global_batch_size=32"], 0.5),
+}
+
+
+def plan(args: argparse.Namespace, manifest: str, out: Path, groups: Sequence[str]) -> list[Run]:
+    runs: list[Run] = []
+    key = "+".join(groups)
+
+    def add(method: str, recipe: str, seed: int, steps: int, extra: Sequence[str]) -> Run:
+        name = f"{key}/{method}/s{seed}"
+        run_dir = out / "runs" / name
+        overrides = base_overrides(name, run_dir, seed, manifest, groups, steps)
+        overrides += [f"eval_interval={max(1, steps // 4)}ba",
+                      f"data.val_samples_per_group={args.val_samples}", *extra]  # fmt: skip
+        run = Run(name, RECIPES / f"cpu-{recipe}.yaml", overrides, run_dir)
+        if name not in {r.name for r in runs}:
+            runs.append(run)
+        return run
+
+    for seed in range(args.seeds):
+        for tag, aioli, both, factor in VARIANTS.values():
+            steps = round(args.steps * factor)
+            add("stratified" + (tag if both else ""), "stratified", seed, steps, both)
+            add("aioli" + tag, "aioli", seed, steps, [*aioli, *both])
+    for n in args.val_sizes:  # round 0 only: LearnParams ends at batch 96 with 4 groups
+        add(f"aioli-val{n}", "aioli", 0, args.val_steps, [f"data.val_samples_per_group={n}"])
+    return runs
+
+
+def _runs_by(runs: Sequence[Run], method: str) -> dict[int, Run]:
+    return {int(r.name.rsplit("/s", 1)[1]): r for r in runs
+            if r.name.split("/")[1] == method and r.results_file.exists()}  # fmt: skip
+
+
+def sweep_estimates(run: Run) -> list[np.ndarray]:
+    """Per finished round: ``s[rep, j]``, the column sums of ``A = W^-1 beta`` (what the EG
+    step ranks groups by) estimated from each of the ``lp_rounds`` repetitions alone."""
+    from mixstream.algorithms.aioli import AioliConfig, LearnParamsPlan, estimate_A
+
+    info = json.loads((run.run_dir / "weights.json").read_text())["aioli"]["config"]
+    config = AioliConfig(
+        **{**info, "prior": None if info["prior"] is None else tuple(info["prior"])}
+    )
+    m, k = config.num_groups, config.lp_rounds
+    seed = int(run.name.rsplit("/s", 1)[1])
+    groups = json.loads((run.run_dir / "weights.json").read_text())["groups"]
+    evals = {r["step"]: [r["losses"][g] for g in groups] for r in run.history("val_loss")}
+    out = []
+    for round_index in range(10_000):
+        lp = LearnParamsPlan.for_round(config, seed, round_index)
+        if any(step not in evals for step in lp.eval_steps):
+            break
+        losses = np.array([evals[step] for step in lp.eval_steps])
+        drops = losses[:-1] - losses[1:]
+        per_rep = np.zeros((k, m))
+        for rep in range(k):
+            beta = np.zeros((m, m))
+            for idx in range(rep * m, (rep + 1) * m):
+                beta[:, lp.order[idx]] = drops[idx]
+            per_rep[rep] = estimate_A(config.W, beta).sum(axis=0)
+        out.append(per_rep)
+    return out
+
+
+def noise_table(runs: Sequence[Run]) -> list[str]:
+    """Signal (spread of the groups' mean scores) vs noise (their standard errors)."""
+    lines = ["| seed | rounds | signal: sd over groups of mean score | noise: mean SE of a "
+             "group's score | signal / noise | top group same as previous round |",
+             "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    ratios = []
+    for seed, run in sorted(_runs_by(runs, "aioli").items()):
+        rounds = sweep_estimates(run)
+        if not rounds:
+            continue
+        sig, noise, tops = [], [], []
+        for per_rep in rounds:
+            mean = per_rep.mean(axis=0)
+            se = per_rep.std(axis=0, ddof=1) / np.sqrt(per_rep.shape[0])
+            sig.append(float(mean.std(ddof=1)))
+            noise.append(float(se.mean()))
+            tops.append(int(np.argmax(mean)))
+        same = sum(a == b for a, b in itertools.pairwise(tops))
+        ratio = statistics.fmean(sig) / statistics.fmean(noise)
+        ratios.append(ratio)
+        sig_mean, noise_mean = statistics.fmean(sig), statistics.fmean(noise)
+        cells = [seed, len(rounds), f"{sig_mean:.4f}", f"{noise_mean:.4f}", f"{ratio:.2f}",
+                 f"{same}/{len(tops) - 1}"]  # fmt: skip
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if ratios:
+        lines.append(f"| mean | | | | {statistics.fmean(ratios):.2f} | |")
+    return lines
+
+
+def val_size_table(runs: Sequence[Run], sizes: Sequence[int]) -> list[str]:
+    """Round-0 scores from ``n`` validation sequences per group vs from the largest set."""
+    scores = {}
+    for n in sizes:
+        run = _runs_by(runs, f"aioli-val{n}").get(0)
+        if run is not None and sweep_estimates(run):
+            scores[n] = sweep_estimates(run)[0].mean(axis=0)
+    if len(scores) < 2:
+        return []
+    ref_n = max(scores)
+    ref = scores[ref_n]
+    lines = [f"| val sequences per group | round-0 group scores | error vs {ref_n} | "
+             "error / signal |", "|---:|---|---:|---:|"]  # fmt: skip
+    signal = float(ref.std(ddof=1))
+    for n, sc in sorted(scores.items()):
+        err = float(np.sqrt(np.mean((sc - ref) ** 2)))
+        lines.append(f"| {n} | {' '.join(f'{x:+.3f}' for x in sc)} | {err:.4f} | "
+                     f"{err / signal:.2f} |")  # fmt: skip
+    return lines
+
+
+def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
+    lines = [
+        f"Setting: all groups of the corpus; {args.seeds} paired seeds; base {args.steps} "
+        "batches (recipes `recipes/cpu-*.yaml`). Cell: Aioli - Stratified twin in average "
+        "test loss (nats/token), 95% t-interval over seeds, wins/seeds; `(noise)`: the "
+        "interval holds 0. Sweep share: batches in LearnParams / all batches.",
+        "",
+        "| change vs the paper's settings | Aioli - Stratified | sweep share |",
+        "|---|---|---:|",
+    ]
+    rows = []
+    for label, (tag, _, both, _) in VARIANTS.items():
+        aioli, strat = (
+            _runs_by(runs, "aioli" + tag),
+            _runs_by(runs, "stratified" + (tag if both else "")),
+        )
+        d = paired({k: avg_test_loss(r.results()) for k, r in aioli.items()},
+                   {k: avg_test_loss(r.results()) for k, r in strat.items()})  # fmt: skip
+        if d is None:
+            continue
+        share = statistics.fmean(_share(r) for r in aioli.values())
+        lines.append(f"| {label} | {d.cell(4)} | {100 * share:.0f}% |")
+        rows.append({"variant": label, "deltas": list(d.deltas), "mean": d.mean,
+                     "half_width": d.half_width, "sweep_share": share})  # fmt: skip
+    lines += ["", "**Is the estimate above its noise?** Paper settings, per seed, mean over "
+              "rounds. A group's score is its column sum of `A = W^-1 beta` (the EG step "
+              "moves weight toward high scores), from each LearnParams repetition alone; "
+              "noise is the standard error of a group's mean score over the repetitions.", "",
+              *noise_table(runs), ""]  # fmt: skip
+    val = val_size_table(runs, args.val_sizes)
+    if val:
+        lines += ["**Validation sample size** (seed 0, round 0: identical training up to the "
+                  "first update):", "", *val, ""]  # fmt: skip
+    return "\n".join(lines), {"variants": rows}
+
+
+def _share(run: Run) -> float:
+    return float(json.loads((run.run_dir / "weights.json").read_text())["aioli"]["sweep_share"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--manifest", default=None, help="a converted corpus (default: demo)")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=1000, help="base batches per run")
+    parser.add_argument("--val-samples", type=int, default=128)
+    parser.add_argument("--val-sizes", default="16,128,100000",
+                        help="validation set sizes compared in round 0 ('' off)")  # fmt: skip
+    parser.add_argument("--val-steps", type=int, default=100)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--vocab-size", type=int, default=1024)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--no-write", dest="write", action="store_false")
+    args = parser.parse_args(argv)
+    args.val_sizes = [int(x) for x in args.val_sizes.split(",") if x.strip()]
+    out = args.workdir or Path(tempfile.mkdtemp(prefix="mixstream-sweeps-"))
+    with corpus(args.manifest, out, vocab_size=args.vocab_size, seq_len=args.seq_len,
+                bucket="quality") as manifest:  # fmt: skip
+        from mixstream.manifest import Manifest
+
+        groups = Manifest.load(manifest).group_names
+        runs = plan(args, manifest, out, groups)
+        print(f"[sweeps] {len(runs)} runs into {out}", flush=True)
+        run_all(runs, args.jobs, say=lambda m: print(f"[sweeps] {m}", flush=True))
+    markdown, results = report(args, runs)
+    publish("Aioli's sweeps: paired ablations", markdown, quick=False, write=args.write,
+            name="aioli_sweeps", results=results)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

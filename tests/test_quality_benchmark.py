@@ -1,0 +1,140 @@
+"""The quality benchmark's protocol pieces, and a tiny end-to-end run on a user's corpus."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks._training import Paired, paired, relative_sd, t975
+from benchmarks.quality import aioli_overrides, parse_settings
+from mixstream.algorithms.aioli import AioliConfig
+from mixstream.composer.signals import GroupSamples, sample_indices
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_paired_interval_matches_hand_computation() -> None:
+    d = paired({0: 1.10, 1: 1.00, 2: 1.30}, {0: 1.00, 1: 1.05, 2: 1.10, 3: 9.0})
+    assert d is not None and d.n == 3  # seed 3 has no partner: left out
+    deltas = [0.10, -0.05, 0.20]
+    assert d.deltas == pytest.approx(deltas)
+    half = 4.303 * statistics.stdev(deltas) / math.sqrt(3)
+    assert d.half_width == pytest.approx(half)
+    assert d.wins == 1
+    assert not d.significant  # mean 0.083 < half width 0.31
+    assert d.cell(2).endswith("1/3 (noise)")
+    clear = Paired((-0.10, -0.11, -0.09, -0.10, -0.12))
+    assert clear.significant and clear.wins == 5 and "(noise)" not in clear.cell()
+
+
+def test_t_quantiles_and_relative_sd() -> None:
+    assert t975(1) == pytest.approx(12.706)
+    assert t975(4) == pytest.approx(2.776)
+    assert t975(1000) == pytest.approx(1.96)
+    assert relative_sd([2.0, 2.0, 2.0]) == 0.0
+    assert relative_sd([1.0, 3.0]) == pytest.approx(statistics.stdev([1, 3]) / 2)
+
+
+def test_settings_name_groups_numbers_or_all() -> None:
+    groups = ["code", "docs", "legal", "prose"]
+    settings = parse_settings("legal+prose,3,all", groups)
+    assert settings == {
+        "legal+prose": ["legal", "prose"],
+        "code+docs+legal": ["code", "docs", "legal"],
+        "code+docs+legal+prose": groups,
+    }
+    for bad, message in (("law+code", "no group"), ("5", "only 4"), ("code", "at least 2")):
+        with pytest.raises(SystemExit, match=message):
+            parse_settings(bad, groups)
+
+
+def test_aioli_keeps_the_paper_settings_unless_a_run_cannot_hold_two_rounds() -> None:
+    extra, note = aioli_overrides(3, 1000, 128)
+    assert note == "paper settings" and extra == ["data.val_samples_per_group=128"]
+    extra, note = aioli_overrides(2, 100, 64)
+    assert "algorithm.update_steps=50" in extra and "algorithm.lp_steps=1" in extra
+    assert "algorithm.lp_rounds=4" in extra and "scaled x0.20" in note
+    AioliConfig.defaults_for(2, update_steps=50, lp_steps=1)  # valid
+    extra, _ = aioli_overrides(2, 15, 64)  # 7-batch rounds: one repetition of 1-batch sweeps
+    assert "algorithm.lp_rounds=1" in extra and "algorithm.update_steps=7" in extra
+    with pytest.raises(SystemExit, match="too short"):
+        aioli_overrides(4, 6, 64)
+
+
+def test_sweep_share_counts_learnparams_batches() -> None:
+    config = AioliConfig.defaults_for(4)  # 4 reps x 4 groups x 6 steps = 96 of 250
+    assert config.lp_duration == 96
+    assert config.sweep_share(1000) == pytest.approx(4 * 96 / 1000)
+    assert config.sweep_share(50) == 1.0
+    assert config.sweep_share(300) == pytest.approx((96 + 50) / 300)
+    warm = AioliConfig.defaults_for(4, prior_steps=250)
+    assert warm.sweep_share(250) == 0.0
+    assert warm.sweep_share(1000) == pytest.approx(3 * 96 / 1000)
+
+
+def test_held_out_sample_is_seeded_and_spread_over_the_split() -> None:
+    picks = sample_indices(10_000, 128, 0, "val", "code")
+    assert len(set(picks.tolist())) == 128 and list(picks) == sorted(picks)
+    assert picks.max() > 5_000  # not the split's head
+    assert np.array_equal(picks, sample_indices(10_000, 128, 0, "val", "code"))
+    assert not np.array_equal(picks, sample_indices(10_000, 128, 0, "val", "docs"))
+    assert not np.array_equal(picks, sample_indices(10_000, 128, 1, "val", "code"))
+    assert np.array_equal(sample_indices(50, 128, 0, "val", "code"), np.arange(50))
+    assert np.array_equal(sample_indices(50, None, 0, "val", "code"), np.arange(50))
+
+
+def test_group_samples_read_the_seeded_sample(mixture: str) -> None:
+    head = GroupSamples(mixture, "train", ["alpha"], samples_per_group=None)
+    some = GroupSamples(mixture, "train", ["alpha"], samples_per_group=8)
+    n = len(head.samples[0])
+    picks = sample_indices(n, 8, 0, "train", "alpha")
+    assert picks.max() >= 8  # differs from the first 8 sequences
+    for got, index in zip(some.samples[0], picks, strict=True):
+        assert np.array_equal(got["input_ids"], head.samples[0][int(index)]["input_ids"])
+
+
+@pytest.mark.slow
+def test_quick_quality_run_on_a_corpus_converted_from_jsonl(tmp_path: Path) -> None:
+    """``shard-tools convert`` any JSONL, then ``benchmarks.quality --quick --manifest``."""
+    rng = np.random.default_rng(0)
+    words = {
+        "law": ["court", "shall", "party", "agreement", "hereby", "pursuant", "clause"],
+        "code": ["def", "return", "self", "import", "lambda", "yield", "class"],
+    }
+    args = []
+    for group, vocab in words.items():
+        path = tmp_path / f"{group}.jsonl"
+        with path.open("w") as f:
+            for _ in range(240):
+                text = " ".join(rng.choice(vocab, size=int(rng.integers(40, 120))))
+                f.write(json.dumps({"text": text}) + "\n")
+        args += ["--group", f"{group}={path}"]
+    corpus = tmp_path / "corpus"
+    subprocess.run(
+        [sys.executable, "-m", "shard_tools.cli", "convert", str(corpus), *args,
+         "--tokenizer", "byte", "--seq-len", "32"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    work = tmp_path / "work"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.quality", "--quick", "--no-write",
+         "--manifest", str(corpus), "--methods", "stratified,aioli", "--no-restricted",
+         "--workdir", str(work), "--jobs", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "| code+law |" in out and "| aioli | " in out
+    assert "Run-length study" in out and "| 2x | 120 |" in out
+    runs = sorted(p.relative_to(work / "runs").parts for p in (work / "runs").rglob("results.json"))
+    assert ("code+law", "aioli", "s0", "results.json") in runs
+    assert ("code+law", "aioli@2x", "s0", "results.json") in runs
+    weights = json.loads((work / "runs/code+law/aioli/s1/weights.json").read_text())
+    assert 0 < weights["aioli"]["sweep_share"] < 1
