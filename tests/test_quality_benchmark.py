@@ -138,3 +138,33 @@ def test_quick_quality_run_on_a_corpus_converted_from_jsonl(tmp_path: Path) -> N
     assert ("code+law", "aioli@2x", "s0", "results.json") in runs
     weights = json.loads((work / "runs/code+law/aioli/s1/weights.json").read_text())
     assert 0 < weights["aioli"]["sweep_share"] < 1
+
+
+def _demo_run(losses: dict[str, float], steps: int = 1000) -> dict:
+    return {"steps": steps, "test": {"groups": {g: {"loss": v} for g, v in losses.items()}}}
+
+
+def test_demo_prints_its_difference_with_the_recorded_seed_noise(tmp_path: Path) -> None:
+    from mixstream.train.demo import noise_band
+
+    results = {
+        "stratified": _demo_run({"a": 4.00, "b": 5.00}),
+        "aioli": _demo_run({"a": 4.01, "b": 5.01}),  # +0.01 nats
+    }
+    recorded = tmp_path / "quality.json"
+    assert "no seed spread recorded" in noise_band(results, recorded)
+    rows = []
+    for seed, delta in enumerate([0.02, -0.01, 0.03, 0.00, 0.01]):
+        rows.append({"setting": "a+b", "method": "stratified", "seed": seed, "steps": 1000,
+                     "avg_test_loss": 4.5 + seed / 1000})  # fmt: skip
+        rows.append({"setting": "a+b", "method": "aioli", "seed": seed, "steps": 1000,
+                     "avg_test_loss": 4.5 + seed / 1000 + delta})  # fmt: skip
+    rows.append({"setting": "a+b", "method": "aioli", "seed": 9, "steps": 500,
+                 "avg_test_loss": 99.0})  # another length: not this recipe  # fmt: skip
+    recorded.write_text(json.dumps({"runs": rows}))
+    text = noise_band(results, recorded)
+    sd = statistics.stdev([0.02, -0.01, 0.03, 0.00, 0.01])
+    assert f"sd {sd:.4f}" in text and "5 paired seeds" in text
+    assert "=> within noise" in text
+    results["aioli"] = _demo_run({"a": 4.20, "b": 5.20})
+    assert "=> outside the seed noise" in noise_band(results, recorded)
