@@ -94,6 +94,28 @@ def _child(method: str, overrides: list[str], threads: int, env: dict[str, str])
     return result
 
 
+def summarize(methods: list[str], results: dict[str, list[dict]]) -> list[dict[str, Any]]:
+    """One row of the table per method: medians over rounds, ratios to Stratified's round."""
+    base = results.get("stratified") or results[methods[0]]
+    cells = []
+    for m in methods:
+        rows = results[m]
+        ratios = [row["step_mean"] / b["step_mean"] for row, b in zip(rows, base, strict=True)]
+        loads = [row["load"] for row in rows if row["load"] is not None]
+        cells.append(
+            {
+                "method": m,
+                "median_step_ms": median([row["step_median"] for row in rows]) * 1e3,
+                "mean_step_ms": median([row["step_mean"] for row in rows]) * 1e3,
+                "ratio_vs_stratified": median(ratios),
+                "eval_s_per_run": median([row["eval_seconds"] for row in rows]),
+                "eval_share": median([row["eval_seconds"] / row["fit_seconds"] for row in rows]),
+                "others_cores": max(loads) if loads else None,
+            }
+        )
+    return cells
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=2)
@@ -147,7 +169,6 @@ def main(argv: list[str] | None = None) -> int:
                 results[m].append(res)
                 print(f"[overhead] round {r} {m}: {res['step_median'] * 1e3:.0f} ms/step, "
                       f"eval {res['eval_seconds']:.1f} s", flush=True)  # fmt: skip
-    base = results.get("stratified") or results[methods[0]]
     lines = [
         f"CPU recipes (`recipes/cpu-*.yaml`), {steps} batches per run (one Aioli round is "
         f"{config.update_steps} batches: LearnParams {config.lp_duration} of them, with "
@@ -161,19 +182,26 @@ def main(argv: list[str] | None = None) -> int:
         "| evaluation s per run | evaluation share | other load (cores) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for m in methods:
-        rows = results[m]
-        ratios = [row["step_mean"] / b["step_mean"] for row, b in zip(rows, base, strict=True)]
-        share = median([row["eval_seconds"] / row["fit_seconds"] for row in rows])
-        loads = [row["load"] for row in rows if row["load"] is not None]
+    cells = summarize(methods, results)
+    for c in cells:
+        others = c["others_cores"]
         lines.append(
-            f"| {m} | {median([row['step_median'] for row in rows]) * 1e3:.0f} "
-            f"| {median([row['step_mean'] for row in rows]) * 1e3:.0f} "
-            f"| {median(ratios):.2f}x | {median([row['eval_seconds'] for row in rows]):.1f} "
-            f"| {share:.1%} | {max(loads) if loads else float('nan'):.2f} |"
+            f"| {c['method']} | {c['median_step_ms']:.0f} | {c['mean_step_ms']:.0f} "
+            f"| {c['ratio_vs_stratified']:.2f}x | {c['eval_s_per_run']:.1f} "
+            f"| {c['eval_share']:.1%} | {float('nan') if others is None else others:.2f} |"
         )
+    summary = {
+        "settings": {
+            "batches_per_run": steps,
+            "aioli_round_batches": config.update_steps,
+            "torch_threads": args.threads,
+            "rounds": args.rounds,
+        },
+        "cells": cells,
+        "targets": {"aioli_ratio_vs_stratified_max": 1.15},
+    }
     publish("Algorithm overhead (CPU recipe)", "\n".join(lines), quick=args.quick,
-            write=args.write)  # fmt: skip
+            write=args.write, name="algorithm_overhead", results=summary)  # fmt: skip
     return 0
 
 

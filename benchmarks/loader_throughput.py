@@ -475,9 +475,11 @@ def report(
     stats: dict[str, Any],
     args: argparse.Namespace,
     sources: Sequence[str],
-) -> tuple[str, list[str]]:
-    """The markdown body and a list of target misses."""
+) -> tuple[str, list[str], dict[str, Any]]:
+    """The markdown body, a list of target misses, and the tables' numbers for the JSON."""
     misses: list[str] = []
+    results: dict[str, Any] = {"corpus": stats, "tokens_per_sample": SEQ_LEN, "cells": []}
+    numbers: dict[tuple[str, int], dict[str, Any]] = {}
     rows = [
         "| source | workers | plain samples/s | ours samples/s | ours / plain "
         "| ours / plain (each round) | plain Mtok/s | ours Mtok/s | plain TTFB s | ours TTFB s "
@@ -491,6 +493,13 @@ def report(
             for kind, c in (("plain", p), ("ours", o)):
                 incidents += [f"{kind}, {source}, {workers} workers, {i}" for i in c.incidents]
             count = f"{len(p.incidents)} / {len(o.incidents)}"
+            cell: dict[str, Any] = {
+                "source": source,
+                "workers": workers,
+                "incidents": {"plain": len(p.incidents), "ours": len(o.incidents)},
+            }
+            numbers[(source, workers)] = cell
+            results["cells"].append(cell)
             if not (p.rate and o.rate):
                 rows.append(f"| {source} | {workers} | no result | | | | | | | | | {count} |")
                 misses.append(f"{source}, {workers} workers: no result")
@@ -498,9 +507,8 @@ def report(
             pm, om = median(p.rate), median(o.rate)
             ratio = om / pm
             paired = dict(zip(p.rounds, p.rate, strict=True))
-            each = ", ".join(
-                f"{r / paired[k]:.2f}" for k, r in zip(o.rounds, o.rate, strict=True) if k in paired
-            )
+            rounds = [r / paired[k] for k, r in zip(o.rounds, o.rate, strict=True) if k in paired]
+            each = ", ".join(f"{x:.2f}" for x in rounds)
             if ratio < 1.0:
                 misses.append(f"{source}, {workers} workers: {ratio:.2f}x")
             if o.incidents:
@@ -511,7 +519,17 @@ def report(
                 f"| {median(p.ttfb):.2f} | {median(o.ttfb):.2f} "
                 f"| {max(p.others + o.others):.2f} | {count} |"
             )
+            cell |= {
+                "plain_samples_per_s": pm,
+                "ours_samples_per_s": om,
+                "ratio_vs_plain": ratio,
+                "ratio_each_round": rounds,
+                "plain_ttfb_s": median(p.ttfb),
+                "ours_ttfb_s": median(o.ttfb),
+                "others_cores": max(p.others + o.others),
+            }
     raw_rate = median(raw)
+    results["raw_zstd_samples_per_s"] = raw_rate
     rows.append(
         f"| raw zstd, 1 core | - | {raw_rate:,.0f} (limit) | | | | "
         f"{raw_rate * SEQ_LEN / 1e6:.0f} | | | | | |"
@@ -532,19 +550,40 @@ def report(
                 f"| {source} | {workers} | {pm:,.0f} | {om:,.0f} | {om / pm:.2f}x "
                 f"| {median(p.build):.2f} | {median(o.build):.2f} |"
             )
+            numbers[(source, workers)] |= {
+                "plain_incl_first_batch_samples_per_s": pm,
+                "ours_incl_first_batch_samples_per_s": om,
+                "plain_build_s": median(p.build),
+                "ours_build_s": median(o.build),
+            }
 
     trainer_rows = [
         "| where | global batch | calls | median ms | p99 ms | max ms |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    results["trainer"] = []
+
+    def timing(where: str, global_batch: int, vals: list[float]) -> None:
+        mid, p99, top = median(vals), _percentile(vals, 99), max(vals)
+        trainer_rows.append(
+            f"| {where} | {global_batch} | {len(vals)} | {_ms(mid)} | {_ms(p99)} | {_ms(top)} |"
+        )
+        results["trainer"].append(
+            {
+                "where": where.replace("`", ""),
+                "global_batch": global_batch,
+                "calls": len(vals),
+                "median_ms": mid * 1e3,
+                "p99_ms": p99 * 1e3,
+                "max_ms": top * 1e3,
+            }
+        )
+
     for workers in args.workers:
         vals = [v for s in sources for v in cells[("ours", s, workers)].set_weights]
         if not vals:
             continue
-        trainer_rows.append(
-            f"| `set_weights`, training loop, {workers} workers | {BATCH} | {len(vals)} "
-            f"| {_ms(median(vals))} | {_ms(_percentile(vals, 99))} | {_ms(max(vals))} |"
-        )
+        timing(f"`set_weights`, training loop, {workers} workers", BATCH, vals)
         p99 = _percentile(vals, 99)
         if p99 >= 1e-3:
             misses.append(f"set_weights p99 {p99 * 1e3:.2f} ms with {workers} workers")
@@ -552,11 +591,8 @@ def report(
         vals = [v for s in sources for v in cells[("ours", s, workers)].state_dict]
         if not vals:
             continue
-        trainer_rows.append(
-            f"| `state_dict` every {args.state_every} steps, training loop, {workers} workers "
-            f"| {BATCH} | {len(vals)} | {_ms(median(vals))} | {_ms(_percentile(vals, 99))} "
-            f"| {_ms(max(vals))} |"
-        )
+        where = f"`state_dict` every {args.state_every} steps, training loop, {workers} workers"
+        timing(where, BATCH, vals)
     update_rows = [
         "| steps with a `set_weights` each (U) | `state_dict` after U steps, ms "
         "| `state_dict` again at once, ms | pickled state KB | trainer RSS growth MB |",
@@ -564,22 +600,23 @@ def report(
     ]
     if trainer is not None:
         for gb, row in trainer["every"].items():
-            vals = row["set_weights_s"]
-            trainer_rows.append(
-                f"| `set_weights`, trainer alone | {gb} | {len(vals)} | {_ms(median(vals))} "
-                f"| {_ms(_percentile(vals, 99))} | {_ms(max(vals))} |"
-            )
+            timing("`set_weights`, trainer alone", int(gb), row["set_weights_s"])
             for every in args.trainer_every:
-                vals = row[str(every)]
-                trainer_rows.append(
-                    f"| `state_dict` every {every} steps, trainer alone | {gb} | {len(vals)} "
-                    f"| {_ms(median(vals))} | {_ms(_percentile(vals, 99))} "
-                    f"| {_ms(max(vals))} |"
-                )
+                timing(f"`state_dict` every {every} steps, trainer alone", int(gb), row[str(every)])
+        results["state_dict_growth"] = []
         for u, r in trainer["updates"].items():
             update_rows.append(
                 f"| {int(u):,} | {r['first_s'] * 1e3:,.1f} | {r['again_s'] * 1e3:,.2f} "
                 f"| {r['pickle_bytes'] / 1e3:,.0f} | {r['rss_growth_mb']:,.1f} |"
+            )
+            results["state_dict_growth"].append(
+                {
+                    "weight_changes": int(u),
+                    "state_dict_ms": r["first_s"] * 1e3,
+                    "again_ms": r["again_s"] * 1e3,
+                    "pickled_kb": r["pickle_bytes"] / 1e3,
+                    "rss_growth_mb": r["rss_growth_mb"],
+                }
             )
 
     dtypes = {k: c.dtype for (k, _, _), c in cells.items() if c.dtype}
@@ -653,7 +690,7 @@ def report(
             f"**Noisy:** other processes used up to {busiest:.2f} cores during some runs "
             "(column others' CPU); absolute rates are depressed, side-by-side ratios less so.",
         ]
-    return "\n".join(body), misses
+    return "\n".join(body), misses, results
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -765,14 +802,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.stop()
 
-    markdown, misses = report(cells, raw, trainer, stats, args, sources)
+    markdown, misses, results = report(cells, raw, trainer, stats, args, sources)
     verdict = (
         "- Targets: ours >= 1.0x plain in every cell, without incidents, and "
         "`set_weights` p99 < 1 ms: "
         + ("**met**." if not misses else f"**missed**: {'; '.join(misses)}.")
     )
     markdown += "\n\n" + verdict
-    publish(SECTION, markdown, quick=args.quick, write=not args.no_write)
+    results["targets"] = {
+        "ours_vs_plain_min": 1.0,
+        "set_weights_p99_ms_max": 1.0,
+        "met": not misses,
+        "misses": misses,
+    }
+    publish(SECTION, markdown, quick=args.quick, write=not args.no_write,
+            name="loader_throughput", results=results)  # fmt: skip
     print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 

@@ -676,8 +676,10 @@ def report(
     stats: dict[str, Any],
     setup: dict[str, Any] | None,
     skipped: list[str],
-) -> tuple[str, list[str]]:
+) -> tuple[str, list[str], dict[str, Any]]:
+    """The markdown body, a list of target misses, and the tables' numbers for the JSON."""
     misses: list[str] = []
+    results: dict[str, Any] = {"corpus": stats, "cells": [], "aioli_eval": [], "startup": []}
     rows = [
         "| layout | ranks x threads | workers / rank | pipeline | tokens/s per device "
         "| median step ms | data wait % (mean / worst rank) | in `next()` % "
@@ -717,6 +719,7 @@ def report(
                     (" (incl. eval)", "tok_s", "median_step_s", "wait_frac"),
                     (" (excl. eval)", "tok_s_excl", "median_step_excl_s", "wait_frac_excl"),
                 ]
+            where = {"layout": layout.label, "nodes": layout.nodes, "ranks": layout.world}
             for suffix, rate_key, step_key, wait_key in variants:
                 rate = cell_value(cell, rate_key)
                 wait = cell_value(cell, wait_key)
@@ -725,6 +728,24 @@ def report(
                 hooks = f"{cell_value(cell, 'hook_ms'):.1f}"
                 if pipeline == "plain":
                     ratio, hooks = "1.00x", "-"
+                results["cells"].append(
+                    {
+                        **where,
+                        "threads_per_rank": threads,
+                        "workers_per_rank": workers,
+                        "pipeline": pipeline + suffix,
+                        "tokens_per_s_per_device": rate,
+                        "median_step_ms": cell_value(cell, step_key) * 1e3,
+                        "data_wait_frac": wait,
+                        "data_wait_frac_worst_rank": worst,
+                        "in_next_frac": cell_value(cell, "fetch_frac"),
+                        "mixing_hooks_ms_per_step": (
+                            None if pipeline == "plain" else cell_value(cell, "hook_ms")
+                        ),
+                        "ratio_vs_plain": rate / plain_rate if plain_rate else None,
+                        "others_cores": others,
+                    }
+                )
                 rows.append(
                     f"| {layout.label} | {layout.world} x {threads} | {workers} "
                     f"| {pipeline}{suffix} | {rate:,.0f} | {cell_value(cell, step_key) * 1e3:,.0f} "
@@ -744,6 +765,17 @@ def report(
                 f"| {cell_value(cell, 'worker_cpu_ms'):.1f} "
                 f"| {median(cell.wall):.0f} |"
             )
+            results["startup"].append(
+                {
+                    **where,
+                    "pipeline": pipeline,
+                    "build_s": cell_value(cell, "build_s"),
+                    "first_batch_s": cell_value(cell, "first_wait_s"),
+                    "worker_cpu_s_per_rank": cell_value(cell, "worker_cpu_s"),
+                    "worker_cpu_ms_per_step": cell_value(cell, "worker_cpu_ms"),
+                    "cell_wall_s": median(cell.wall),
+                }
+            )
             if pipeline == "aioli":
                 run0 = cell.runs[0]
                 n_eval = run0[0]["eval_steps"]
@@ -754,6 +786,17 @@ def report(
                     f"| {eval_s / max(n_eval, 1) * 1e3:,.0f} | {share * 100:.1f}% "
                     f"| {run0[0]['weight_changes']} "
                     f"| {cell_value(cell, 'median_step_excl_s') * 1e3:,.0f} |"
+                )
+                results["aioli_eval"].append(
+                    {
+                        **where,
+                        "evaluations": n_eval,
+                        "eval_s": eval_s,
+                        "ms_per_eval": eval_s / max(n_eval, 1) * 1e3,
+                        "share_of_window": share,
+                        "weight_changes": run0[0]["weight_changes"],
+                        "median_step_excl_eval_ms": cell_value(cell, "median_step_excl_s") * 1e3,
+                    }
                 )
                 if run0[0]["weight_changes"] == 0:
                     misses.append(f"{layout.label}, aioli: no weight change in the window")
@@ -862,7 +905,7 @@ def report(
             f"more than {NOISY_CORES} cores; ratios that close to 1 are within run-to-run "
             "noise (`--repeats N` runs N interleaved rounds and reports medians).",
         ]
-    return "\n".join(body), misses
+    return "\n".join(body), misses, results
 
 
 def quiet_ratios(cells: dict[tuple[Layout, str], Cell], layouts: Sequence[Layout]) -> list[float]:
@@ -948,14 +991,21 @@ def run_parent(args: argparse.Namespace) -> int:
         if server is not None:
             server.stop()
             shutil.rmtree(server_dir, ignore_errors=True)
-    markdown, misses = report(cells, layouts, args, stats, setup, skipped)
+    markdown, misses, results = report(cells, layouts, args, stats, setup, skipped)
     verdict = (
         f"- Targets: data wait < {WAIT_TARGET * 100:.0f}% of step time and tokens/s >= "
         "plain's, for stratified and aioli (excl. eval) in every layout: "
         + ("**met**." if not misses else f"**missed**: {'; '.join(misses)}.")
     )
     markdown += "\n\n" + verdict
-    publish(SECTION, markdown, quick=args.quick, write=not args.no_write)
+    results["targets"] = {
+        "data_wait_frac_max": WAIT_TARGET,
+        "ratio_vs_plain_min": 1.0,
+        "met": not misses,
+        "misses": misses,
+    }
+    publish(SECTION, markdown, quick=args.quick, write=not args.no_write,
+            name="train_throughput", results=results)  # fmt: skip
     print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 
