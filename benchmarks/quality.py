@@ -238,7 +238,17 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
         })  # fmt: skip
     settings = list(args.settings)
     methods = list(dict.fromkeys(r["method"] for r in records if "@" not in r["method"]))
+    done = sum(r.results_file.exists() for r in runs)
     lines = [
+        *(
+            [
+                f"**Partial: {done} of the {len(runs)} planned runs have finished** (the same "
+                "command continues the rest); cells count the seeds they hold.",
+                "",
+            ]
+            if done < len(runs)
+            else []
+        ),
         f"{args.seeds} paired seeds (seed = model init and data seed, shared by every method) x "
         f"{args.steps} batches per run; recipes `recipes/{'gpu-125m' if args.gpu else 'cpu'}-"
         f"*.yaml`{' with ' + ' '.join(args.override) if args.override else ''}. "
@@ -351,7 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 60 batches, 2 settings")
     parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs --workdir already holds")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report_only and args.workdir is None:
+        raise SystemExit("--report-only needs the --workdir of an earlier invocation")
     if args.quick:
         args.seeds, args.steps, args.length_seeds = 2, args.steps or 60, 1
         args.lengths = "1,2"
@@ -381,8 +395,12 @@ def main(argv: list[str] | None = None) -> int:
         spec = args.settings or (DEMO_SETTINGS if args.manifest is None else "all")
         args.settings = parse_settings(spec, groups)
         runs = plan_runs(args, manifest, out)
-        print(f"[quality] {len(runs)} runs into {out}", flush=True)
-        run_all(runs, args.jobs, say=lambda m: print(f"[quality] {m}", flush=True))
+        if args.report_only:
+            done = sum(r.results_file.exists() for r in runs)
+            print(f"[quality] reporting {done} of {len(runs)} planned runs in {out}", flush=True)
+        else:
+            print(f"[quality] {len(runs)} runs into {out}", flush=True)
+            run_all(runs, args.jobs, say=lambda m: print(f"[quality] {m}", flush=True))
         entropy = unigram_entropy(manifest, "test", groups)
     markdown, results = report(args, runs, entropy)
     publish("Mixing quality (paired seeds)", markdown, quick=args.quick, write=args.write,
