@@ -220,3 +220,19 @@ def test_shipped_recipes_resolve(mixture: str) -> None:
         overrides.append("scheduler.t_warmup=1ba")
         recipe = resolve_recipe(path, overrides, world_size=1)
         assert recipe.run_name == path.stem
+
+
+def test_gradient_clipping_is_a_checked_recipe_key(mixture: str) -> None:
+    from composer.algorithms import GradientClipping
+
+    from mixstream.train.build import _gradient_clipping
+
+    assert resolve_recipe(base(mixture)).config["grad_clip_norm"] is None
+    assert resolve_recipe(base(mixture), ["grad_clip_norm=1.0"]).config["grad_clip_norm"] == 1.0
+    for bad in ("0", "-1", "true", "big"):
+        assert "grad_clip_norm must be a positive number" in error_of(
+            base(mixture), f"grad_clip_norm={bad}"
+        )
+    (clip,) = _gradient_clipping(1.0)
+    assert isinstance(clip, GradientClipping) and clip.clipping_threshold == 1.0
+    assert _gradient_clipping(None) == []

@@ -130,6 +130,15 @@ def build_scheduler(recipe: Recipe) -> Any | None:
         raise RecipeError(f"scheduler: {exc}") from None
 
 
+def _gradient_clipping(norm: float | None) -> list[Any]:
+    """Composer's norm clipping when the recipe asks for it (the paper recipes clip at 1.0)."""
+    if norm is None:
+        return []
+    from composer.algorithms import GradientClipping
+
+    return [GradientClipping(clipping_type="norm", clipping_threshold=float(norm))]
+
+
 @dataclass
 class Training:
     """What :func:`build_training` made; ``close()`` releases the trainer and the dataset."""
@@ -170,7 +179,7 @@ def build_training(recipe: Recipe, callbacks: Sequence[Callback] = ()) -> Traini
             max_duration=f"{recipe.max_batches}ba",
             optimizers=optimizer,
             schedulers=scheduler,
-            algorithms=[algorithm],
+            algorithms=[algorithm, *_gradient_clipping(config["grad_clip_norm"])],
             callbacks=list(callbacks),
             loggers=loggers,
             run_name=recipe.run_name,

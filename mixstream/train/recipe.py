@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
     "precision": "fp32",
     "device": "auto",
     "device_train_microbatch_size": None,
+    "grad_clip_norm": None,  # clip the global gradient norm to this (Composer's GradientClipping)
     "parallelism": None,
     "save_folder": "{run_dir}/checkpoints",
     "save_interval": "200ba",
@@ -540,6 +541,11 @@ def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
     if mb is not None and mb != "auto":
         _check_int(mb, "device_train_microbatch_size")
     _check_int(config["save_num_checkpoints_to_keep"], "save_num_checkpoints_to_keep", -1)
+    clip = config["grad_clip_norm"]
+    if clip is not None and (
+        isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0
+    ):
+        raise RecipeError(f"grad_clip_norm must be a positive number or null, got {clip!r}")
     for key in ("autoresume", "progress_bar"):
         if not isinstance(config[key], bool):
             raise RecipeError(f"{key} must be true or false, got {config[key]!r}")
