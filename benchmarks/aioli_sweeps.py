@@ -229,7 +229,17 @@ def val_size_table(runs: Sequence[Run], sizes: Sequence[int]) -> list[str]:
 
 
 def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
+    done = sum(r.results_file.exists() for r in runs)
     lines = [
+        *(
+            [
+                f"**Partial: {done} of the {len(runs)} planned runs have finished** (the same "
+                "command continues the rest); cells count the seeds they hold.",
+                "",
+            ]
+            if done < len(runs)
+            else []
+        ),
         f"Setting: all groups of the corpus; {args.seeds} paired seeds; base {args.steps} "
         "batches (recipes `recipes/cpu-*.yaml`). Cell: Aioli - Stratified twin in average "
         "test loss (nats/token), 95% t-interval over seeds, wins/seeds; `(noise)`: the "
@@ -282,7 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs --workdir already holds")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.report_only and args.workdir is None:
+        raise SystemExit("--report-only needs the --workdir of an earlier invocation")
     args.val_sizes = [int(x) for x in args.val_sizes.split(",") if x.strip()]
     out = args.workdir or Path(tempfile.mkdtemp(prefix="mixstream-sweeps-"))
     with corpus(args.manifest, out, vocab_size=args.vocab_size, seq_len=args.seq_len,
@@ -291,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
 
         groups = Manifest.load(manifest).group_names
         runs = plan(args, manifest, out, groups)
-        print(f"[sweeps] {len(runs)} runs into {out}", flush=True)
-        run_all(runs, args.jobs, say=lambda m: print(f"[sweeps] {m}", flush=True))
+        if not args.report_only:
+            print(f"[sweeps] {len(runs)} runs into {out}", flush=True)
+            run_all(runs, args.jobs, say=lambda m: print(f"[sweeps] {m}", flush=True))
     markdown, results = report(args, runs)
     publish("Aioli's sweeps: paired ablations", markdown, quick=False, write=args.write,
             name="aioli_sweeps", results=results)  # fmt: skip
