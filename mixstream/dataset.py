@@ -52,6 +52,7 @@ STATE_VERSION = 1
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
 _PREFIX_ATTEMPTS = 8
+_KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
 
 
 class MixtureStateError(ValueError):
@@ -230,7 +231,9 @@ class DynamicStreamingDataset(StreamingDataset):
         self._channel = ScheduleChannel(len(names))
         self._channel.publish(0, initial)
         self._step = 0  # last step announced by the trainer (batches consumed)
-        self._state = PlanState.initial(len(names))  # trainer-side plan position (lazy)
+        # Plan states computed so far, by batch: any later one is reached by stepping from
+        # the nearest earlier one. Only states consistent with the current schedule are kept.
+        self._known: dict[int, PlanState] = {0: PlanState.initial(len(names))}
         self._resume: _Resume | None = None
         self._creator_pid = os.getpid()
         self._publish_horizon()
@@ -258,8 +261,36 @@ class DynamicStreamingDataset(StreamingDataset):
     @property
     def realized_counts(self) -> dict[str, int]:
         """Samples drawn per group over all global batches before the current step."""
-        self._state = self.plan.advance(self._state, self._schedule, self._step)
-        return dict(zip(self.group_names, self._state.counts, strict=True))
+        counts = self._plan_state(self._step).counts
+        return dict(zip(self.group_names, counts, strict=True))
+
+    def _nearest_known(self, batch: int) -> PlanState:
+        """The known plan state closest to, and not after, the one before ``batch``."""
+        candidates = list(self._known.values())
+        if self._resume is not None:
+            candidates.append(self._resume.state)
+        return max((s for s in candidates if s.batch <= batch), key=lambda s: s.batch)
+
+    def _remember(self, state: PlanState) -> None:
+        self._known[state.batch] = state
+        if len(self._known) > _KNOWN_STATES + 1:
+            del self._known[next(b for b in self._known if b != 0)]  # oldest, never the initial
+
+    def _plan_state(self, batch: int) -> PlanState:
+        """The plan state before global ``batch`` under the current schedule.
+
+        Any batch may be asked for in any order (a checkpoint ahead of the trainer's last
+        announced step, then the step itself): the state is stepped from the nearest known
+        state before it, never back from a later one.
+        """
+        state = self.plan.advance(self._nearest_known(batch), self._schedule, batch)
+        self._remember(state)
+        return state
+
+    def _forget_after(self, batch: int) -> None:
+        """Drop plan states that the weights in force from ``batch`` on went into."""
+        for b in [b for b in self._known if b > batch]:
+            del self._known[b]
 
     def _as_dict(self, vec: np.ndarray) -> dict[str, float]:
         return {g: float(x) for g, x in zip(self.group_names, vec, strict=True)}
@@ -311,6 +342,7 @@ class DynamicStreamingDataset(StreamingDataset):
             raise ValueError(str(payload)) from None
         vec, step, effective = payload
         self._schedule.set(effective, vec)
+        self._forget_after(effective)
         self._channel.publish(effective, vec)
         self._step = step
         self._publish_horizon()
@@ -331,18 +363,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 self.global_batch_size,
             )
         batch = self._batch_for(num_samples, from_beginning)
-        base = self._state
-        if (
-            self._resume is not None
-            and self._resume.state.batch <= batch
-            and (base.batch < self._resume.state.batch or base.batch > batch)
-        ):
-            base = self._resume.state
-        if base.batch > batch:
-            base = PlanState.initial(self.plan.num_groups)
-        state = self.plan.advance(base, self._schedule, batch)
-        if state.batch >= self._state.batch:
-            self._state = state
+        state = self._plan_state(batch)
         return {
             "version": STATE_VERSION,
             "epoch": batch // self.batches_per_epoch,
@@ -429,7 +450,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 obj.get("update_lag"),
             )
         self._resume = _Resume(state.batch // self.batches_per_epoch, state)
-        self._state = state
+        self._known = {0: PlanState.initial(self.plan.num_groups)}
         self._step = state.batch
         self._publish_horizon()
 
@@ -446,10 +467,12 @@ class DynamicStreamingDataset(StreamingDataset):
         self._shared_barrier(self._unique_worker_world.workers_per_node)
         if self._unique_worker_world.is_local_leader:
             self.next_epoch = epoch + 1
-        candidates = [PlanState.initial(self.plan.num_groups), self._state]
-        if self._resume is not None:
-            candidates.append(self._resume.state)
-        base = max((s for s in candidates if s.batch <= start), key=lambda s: s.batch)
+        # The trainer's copy of the dataset (ours, pickled or forked) may hold states planned
+        # with weights that updates published since then have replaced.
+        applied = self._channel.sync(self._schedule)
+        if applied:
+            self._forget_after(min(applied))
+        base = self._nearest_known(start)
         return epoch, base if base.batch == start else self._plan_to(base, start)
 
     def _plan_to(self, state: PlanState, batch: int) -> PlanState:

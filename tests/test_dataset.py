@@ -7,7 +7,9 @@ loaders use real worker processes, and the streams live on the embedded SeaweedF
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from mixture_harness import (
 )
 
 from mixstream import DynamicStreamingDataset, MixtureStateError
+from mixstream.plan import PlanState
 from mixstream.testing.distributed import run_ranks
 
 CHANGES = {
@@ -134,7 +137,7 @@ def test_within_a_pass_no_sample_repeats_or_is_skipped(local_mixture: str) -> No
     ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=16, seed=3)
     try:
         plan, sizes = ds.plan, ds.plan.group_sizes
-        state = ds._state
+        state = PlanState.initial(len(sizes))
         seen: dict[int, list[int]] = {g: [] for g in range(len(sizes))}
         while min(state.counts) < max(sizes) + 5:
             draw, state = plan.step(state, ds._schedule)
@@ -319,3 +322,75 @@ def test_a_shared_memory_prefix_taken_meanwhile_is_retried(
         assert raced and ds.batches_per_epoch > 0
     finally:
         ds.close()
+
+
+def _planned(ds: DynamicStreamingDataset, batch: int) -> PlanState:
+    """The plan state before ``batch`` under the dataset's schedule now, stepped from zero."""
+    return ds.plan.advance(PlanState.initial(ds.plan.num_groups), ds._schedule, batch)
+
+
+def _random_weights(rng: random.Random) -> list[float]:
+    weights = [rng.choice([0.0, 0.05, 0.3, 1.0]) for _ in GROUPS]
+    weights[rng.randrange(len(GROUPS))] += 0.5
+    return weights
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_queries_in_any_legal_order_agree_and_never_raise(
+    local_mixture: str, seed: int
+) -> None:
+    """Randomized trainer call orders: checkpoints at, behind and ahead of the announced step,
+    with updates pending in the lag window, across epoch boundaries, and resumes from them.
+    ``realized_counts`` and every saved plan must equal the plan stepped from zero under the
+    schedule in force, and never raise (it used to: "cannot step back from batch 42 to 31")."""
+    rng = random.Random(seed)
+    per = 4
+    kwargs = {"manifest": local_mixture, "batch_size": per, "update_lag": 2, "epoch_size": 5 * per}
+    trainer = DynamicStreamingDataset(**kwargs, seed=seed)
+    resumed = DynamicStreamingDataset(**kwargs, seed=seed)
+    saved: list[dict] = []
+    try:
+        for _ in range(120):
+            ds = resumed if saved and rng.random() < 0.4 else trainer
+            op = rng.choice(
+                ["advance", "set_weights", "state_dict", "state_dict", "counts", "load"]
+            )
+            if op == "advance":
+                ds.advance(ds._step + rng.randint(0, 3))
+            elif op == "set_weights":
+                step = ds._step + rng.randint(0, 3)
+                effective = None if rng.random() < 0.5 else step + ds.update_lag + rng.randint(0, 4)
+                ds.set_weights(_random_weights(rng), step=step, effective_step=effective)
+            elif op == "state_dict":
+                batches = rng.randint(0, ds._step + 12)  # behind, at, or ahead of the step
+                from_beginning = ds is trainer and rng.random() < 0.5
+                state = ds.state_dict(batches * per, from_beginning)
+                batch = batches
+                if ds._resume is not None:
+                    batch = ds._resume.state.batch + (0 if from_beginning else batches)
+                assert state["plan"] == _planned(ds, batch).to_dict()
+                assert state["epoch"] == batch // 5
+                assert state["sample_in_epoch"] == (batch % 5) * per
+                if ds is trainer:
+                    saved.append(state)
+            elif op == "counts":
+                expected = _planned(ds, ds._step).counts
+                assert ds.realized_counts == dict(zip(GROUPS, expected, strict=True))
+            elif saved:
+                state = rng.choice(saved)
+                resumed.load_state_dict(copy.deepcopy(state))
+                counts = dict(zip(GROUPS, state["plan"]["counts"], strict=True))
+                assert resumed.realized_counts == counts
+                assert resumed.state_dict(0, False)["plan"] == state["plan"]
+        assert saved, "the walk should have saved states"
+        # The last resume continues with exactly the batch the plan says comes next.
+        state = saved[-1]
+        resumed.load_state_dict(copy.deepcopy(state))
+        draw, _ = resumed.plan.step(PlanState.from_dict(state["plan"]), resumed._schedule)
+        ids, _ = resumed.plan.layout(draw, 0, per)
+        expected = [resumed[i]["input_ids"].tobytes() for i in ids.tolist()]
+        got = [s["input_ids"].tobytes() for _, s in zip(range(per), resumed, strict=False)]
+        assert got == expected
+    finally:
+        trainer.close()
+        resumed.close()
