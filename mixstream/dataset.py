@@ -42,6 +42,7 @@ from mixstream import storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
+from mixstream.shardindex import checked_get_shards
 from mixstream.spanner import ShardSpanner
 from mixstream.weights import Weights, WeightSchedule, normalize_weights
 
@@ -169,11 +170,14 @@ class DynamicStreamingDataset(StreamingDataset):
         streaming_dataset_module.Spanner = ShardSpanner
         try:
             for attempt in range(_PREFIX_ATTEMPTS):
+                # streaming's constructor fills in each stream's defaults; a retry needs
+                # them as they were given. Each copy checks its index before any shard I/O.
+                copies = [copy.copy(s) for s in streams]
+                for s in copies:
+                    s.get_shards = checked_get_shards(s)  # type: ignore[method-assign]
                 try:
-                    # streaming's constructor fills in each stream's defaults; a retry needs
-                    # them as they were given.
                     super().__init__(
-                        streams=[copy.copy(s) for s in streams],
+                        streams=copies,
                         batch_size=batch_size,
                         shuffle=False,
                         cache_limit=cache_limit,
@@ -192,6 +196,9 @@ class DynamicStreamingDataset(StreamingDataset):
                         raise
                     log.warning("shared-memory prefix taken by another job (%s); retrying", exc)
                     time.sleep(random.uniform(0.05, 0.5))
+                finally:
+                    for s in copies:
+                        s.__dict__.pop("get_shards", None)  # keeps the streams picklable
         finally:
             streaming_dataset_module.Spanner = original
         self.group_names = names

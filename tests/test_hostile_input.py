@@ -1,0 +1,154 @@
+"""Indexes and manifests are data from the network: hostile or inconsistent ones are refused.
+
+Each test tampers with a copy of a real converted corpus (on disk or on the embedded
+SeaweedFS server) and checks that the dataset and ``shard-tools`` refuse it before touching
+any file, with a message naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mixstream import DynamicStreamingDataset, storage
+from mixstream.manifest import Manifest, ManifestError
+from mixstream.shardindex import ShardIndexError
+from shard_tools.cli import main as shard_tools
+
+Tamper = Callable[[list[dict[str, Any]]], None]
+
+
+def _copy(mixture: str, tmp_path: Path) -> Path:
+    corpus = tmp_path / "corpus"
+    shutil.copytree(mixture, corpus)
+    return corpus
+
+
+def _tamper_index(corpus: Path, tamper: Tamper, stream: str = "beta/train") -> Path:
+    path = corpus / stream / "index.json"
+    obj = json.loads(path.read_text())
+    tamper(obj["shards"])
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _set_basename(value: str, key: str = "zip_data") -> Tamper:
+    def tamper(shards: list[dict[str, Any]]) -> None:
+        shards[1][key]["basename"] = value
+
+    return tamper
+
+
+def _outside(tmp_path: Path) -> Path:
+    return tmp_path / "outside" / "x.mds"
+
+
+def _traversals(tmp_path: Path) -> list[tuple[str, str]]:
+    return [
+        ("../../../../" + str(_outside(tmp_path)).lstrip("/"), "contains '..'"),
+        ("sub/../../x.mds", "contains '..'"),
+        (str(_outside(tmp_path)), "absolute path"),
+    ]
+
+
+def test_shard_paths_outside_the_stream_are_refused_before_any_io_from_s3(
+    mixture: str, tmp_path: Path, s3_env: Any, s3_prefix: str
+) -> None:
+    """A remote index naming ``../..`` or absolute shard files would make the loader download
+    and decompress outside its cache: refused at construction, naming the remote index."""
+    for i, (name, reason) in enumerate(_traversals(tmp_path)):
+        corpus = _copy(mixture, tmp_path / f"c{i}")
+        _tamper_index(corpus, _set_basename(name))
+        url = f"{s3_prefix}/{i}"
+        storage.upload_tree(corpus, url)
+        cache = tmp_path / f"cache{i}"
+        with pytest.raises(ShardIndexError) as info:
+            DynamicStreamingDataset(manifest=url, batch_size=4, local=str(cache))
+        message = str(info.value)
+        assert f"{url}/beta/train/index.json" in message
+        assert f"refusing shard 1 zip_data basename {name!r}" in message and reason in message
+        assert not _outside(tmp_path).parent.exists()
+        # The refused index is not kept in the cache: a fixed remote is fetched next time.
+        assert not (cache / "beta" / "train" / "index.json").exists()
+        shutil.rmtree(corpus / "beta")
+        shutil.copytree(Path(mixture) / "beta", corpus / "beta")
+        storage.upload_tree(corpus / "beta", f"{url}/beta")
+        DynamicStreamingDataset(manifest=url, batch_size=4, local=str(cache)).close()
+
+
+def test_shard_paths_outside_a_local_stream_are_refused(mixture: str, tmp_path: Path) -> None:
+    corpus = _copy(mixture, tmp_path)
+    index = corpus / "beta" / "train" / "index.json"
+    for name, reason in [*_traversals(tmp_path), ("C:evil.mds", "absolute path")]:
+        for key in ("raw_data", "zip_data"):
+            shutil.copy(Path(mixture) / "beta" / "train" / "index.json", index)
+            _tamper_index(corpus, _set_basename(name, key))
+            with pytest.raises(ShardIndexError, match=f"{index}: refusing shard 1 {key}") as info:
+                DynamicStreamingDataset(manifest=str(corpus), batch_size=4)
+            assert reason in str(info.value)
+    # A symlink that leaves the stream directory is refused too.
+    shutil.copy(Path(mixture) / "beta" / "train" / "index.json", index)
+    target = tmp_path / "elsewhere.mds.zstd"
+    shard = json.loads(index.read_text())["shards"][0]["zip_data"]["basename"]
+    shutil.move(index.parent / shard, target)
+    os.symlink(target, index.parent / shard)
+    with pytest.raises(ShardIndexError, match="resolves outside its root"):
+        DynamicStreamingDataset(manifest=str(corpus), batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("../other/train", "contains '..'"),
+        ("/etc", "absolute path"),
+        ("alpha/../../train", "contains '..'"),
+        ("s3://elsewhere/train", "is a URL"),
+    ],
+)
+def test_manifest_stream_paths_outside_the_corpus_are_refused(
+    mixture: str, tmp_path: Path, path: str, reason: str
+) -> None:
+    corpus = _copy(mixture, tmp_path)
+    manifest = json.loads((corpus / "mixture.json").read_text())
+    manifest["groups"]["gamma"]["splits"]["val"]["path"] = path
+    (corpus / "mixture.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError) as info:
+        Manifest.load(str(corpus))
+    message = str(info.value)
+    assert f"{corpus / 'mixture.json'}: refusing gamma/val stream path {path!r}" in message
+    assert reason in message
+    assert shard_tools(["inspect", str(corpus)]) == 2
+
+
+def test_manifest_stream_symlinked_outside_the_corpus_is_refused(
+    mixture: str, tmp_path: Path
+) -> None:
+    corpus = _copy(mixture, tmp_path)
+    shutil.move(corpus / "alpha" / "test", tmp_path / "moved")
+    os.symlink(tmp_path / "moved", corpus / "alpha" / "test")
+    with pytest.raises(ManifestError, match=r"alpha/test stream path 'alpha/test'.*symlink"):
+        Manifest.load(str(corpus))
+
+
+def test_shard_tools_inspect_and_verify_refuse_paths_outside_the_stream(
+    mixture: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corpus = _copy(mixture, tmp_path)
+    outside = _outside(tmp_path)
+    outside.parent.mkdir()
+    outside.write_bytes(b"\0" * 64)
+    index = _tamper_index(corpus, _set_basename(str(outside)))
+    capsys.readouterr()
+    assert shard_tools(["inspect", str(corpus)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shard-tools inspect: error: {index}: refusing shard 1 zip_data")
+    assert shard_tools(["verify", str(corpus)]) == 1
+    err = capsys.readouterr().err
+    assert f"FAIL {index}: refusing shard 1 zip_data basename {str(outside)!r}" in err
+    assert "x.mds:" not in err  # the outside file was never read
