@@ -37,12 +37,13 @@ import streaming.base.dataset as streaming_dataset_module
 from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
+from streaming.base.format.mds.reader import MDSReader
 
 from mixstream import storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
-from mixstream.shardindex import checked_get_shards
+from mixstream.shardindex import ShardIndexError, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
 from mixstream.weights import Weights, WeightSchedule, normalize_weights
 
@@ -174,7 +175,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 # them as they were given. Each copy checks its index before any shard I/O.
                 copies = [copy.copy(s) for s in streams]
                 for s in copies:
-                    s.get_shards = checked_get_shards(s)  # type: ignore[method-assign]
+                    s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
                 try:
                     super().__init__(
                         streams=copies,
@@ -615,6 +616,50 @@ class DynamicStreamingDataset(StreamingDataset):
     def close(self) -> None:
         """Release this dataset's shared memory (also done at garbage collection)."""
         self._channel.close()
+
+
+class _CountedMDSReader(MDSReader):
+    """An MDS shard reader that checks the shard's own sample count on its first read.
+
+    The index alone cannot fix the count of a shard with variable-size columns (text): one
+    claiming fewer samples than the shard holds would silently skip the rest, one claiming
+    more would fail deep inside with "Relative sample index 74 is not present". The count is
+    the shard file's first 4 bytes; reading them once per process costs one small read.
+    """
+
+    index_name = ""  # the index the reader came from, for messages
+    _count_checked = False
+
+    def get_sample_data(self, idx: int) -> bytes:
+        if not self._count_checked:
+            filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
+            with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
+                head = f.read(4)
+            held = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else None
+            if held != self.samples:
+                raise ShardIndexError(
+                    f"{filename} holds {'no sample count' if held is None else held} samples "
+                    f"but {self.index_name or 'its index'} says {self.samples}; the index does "
+                    "not match its shards: re-convert the stream (or run shard-tools verify)"
+                )
+            self._count_checked = True
+        return super().get_sample_data(idx)
+
+
+def _checked_get_shards(stream: Stream) -> Any:
+    """``stream.get_shards`` that checks the index (:mod:`mixstream.shardindex`) before any
+    shard I/O, and gives MDS shards readers that check their sample count on first use."""
+    get_shards = checked_get_shards(stream)
+
+    def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
+        shards = get_shards(world, allow_unsafe_types)
+        for shard in shards:
+            if type(shard) is MDSReader:
+                shard.__class__ = _CountedMDSReader
+                shard.index_name = index_location(stream)
+        return shards
+
+    return wrapped
 
 
 def _distributed() -> bool:

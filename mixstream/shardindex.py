@@ -19,14 +19,28 @@ __all__ = [
     "ShardIndexError",
     "check_index",
     "checked_get_shards",
+    "index_location",
     "unsafe_path_reason",
 ]
 
 INDEX_NAME = "index.json"
+_MDS_LIMIT = 1 << 32  # MDS offsets are uint32
+# What streaming's MDS writer puts in each shard's header (as sorted JSON) besides samples.
+_MDS_CONFIG_KEYS = (
+    "version",
+    "format",
+    "compression",
+    "hashes",
+    "size_limit",
+    "column_names",
+    "column_encodings",
+    "column_sizes",
+)
 
 
 class ShardIndexError(ValueError):
-    """An ``index.json`` is malformed, or names a file outside its stream."""
+    """An ``index.json`` is malformed, inconsistent with its shards, or names a file outside
+    its stream."""
 
 
 def unsafe_path_reason(path: Any) -> str | None:
@@ -74,14 +88,17 @@ def check_path(path: Any, root: str, what: str, where: str, error: type[ValueErr
 
 
 def check_index(obj: Any, where: str, local_dir: str | None = None) -> list[dict[str, Any]]:
-    """The shard entries of a parsed ``index.json``, after checking every file they name.
+    """The shard entries of a parsed ``index.json``, after checking them for consistency.
 
-    ``where`` names the index in messages; ``local_dir`` (the directory shards are read
-    from or downloaded to) is also checked by resolving each name, when given.
+    Every file an entry names must stay inside the stream; counts and sizes must be
+    non-negative integers within MDS's 32-bit offsets and agree with each other (see
+    :func:`_check_mds_entry`). ``where`` names the index in messages; ``local_dir`` (the
+    directory shards are read from or downloaded to) is also checked by resolving each name.
     """
     if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list):
         raise ShardIndexError(f"{where} is not a streaming index (no 'shards' list)")
     entries = obj["shards"]
+    seen: dict[str, int] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict):
             raise ShardIndexError(f"{where}: shard {i} is not an object")
@@ -91,14 +108,79 @@ def check_index(obj: Any, where: str, local_dir: str | None = None) -> list[dict
                 continue
             if not isinstance(info, dict):
                 raise ShardIndexError(f"{where}: shard {i} has no {key} object")
-            check_path(
+            name = check_path(
                 info.get("basename"),
                 local_dir or "",
                 f"shard {i} {key} basename",
                 where,
                 ShardIndexError,
             )
+            if name in seen:
+                raise ShardIndexError(
+                    f"{where}: shards {seen[name]} and {i} both name the file {name!r}"
+                )
+            seen[name] = i
+            _count(info.get("bytes"), f"shard {i} {key} bytes", where)
+        _count(entry.get("samples"), f"shard {i} samples", where)
+        if entry.get("format") == "mds":
+            _check_mds_entry(entry, f"{where}: shard {i} ({entry['raw_data']['basename']})")
     return entries
+
+
+def _count(value: Any, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < _MDS_LIMIT:
+        raise ShardIndexError(
+            f"{where}: {what} is {value!r}; expected an integer from 0 to {_MDS_LIMIT - 1}"
+        )
+    return value
+
+
+def _check_mds_entry(entry: dict[str, Any], where: str) -> None:
+    """Sample count against shard size, from what the MDS layout fixes.
+
+    A raw MDS shard is its sample count, ``samples + 1`` offsets (uint32 each), the writer's
+    config as JSON, then the samples; fixed-size columns take their size, each variable one
+    4 bytes of length plus its data. So the size bounds the count from above, and with only
+    fixed-size columns determines it: an index claiming more samples than the shard holds
+    would fail deep inside reading, and one claiming fewer would silently skip the rest.
+    """
+    columns = [entry.get(k) for k in ("column_names", "column_encodings", "column_sizes")]
+    if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) != 1:
+        raise ShardIndexError(
+            f"{where}: column_names, column_encodings and column_sizes must be lists of one "
+            "entry per column"
+        )
+    sizes = columns[2]
+    for size in sizes:
+        if size is not None:
+            _count(size, "a column size", where)
+    samples, size = entry["samples"], entry["raw_data"]["bytes"]
+    per_sample = sum(s if s is not None else 4 for s in sizes)
+    if sizes and None not in sizes and per_sample:
+        config = {k: entry.get(k) for k in _MDS_CONFIG_KEYS}
+        rest = size - 8 - len(json.dumps(config, sort_keys=True).encode())
+        held, remainder = divmod(rest, per_sample + 4)
+        if remainder == 0 and held != samples:
+            raise ShardIndexError(
+                f"{where}: a {size}-byte shard of {per_sample}-byte samples holds {held} "
+                f"samples, but the index says {samples}; the index does not match its shards: "
+                "re-convert the stream"
+            )
+    least = 4 * (samples + 2) + samples * per_sample
+    if size < least:
+        raise ShardIndexError(
+            f"{where}: the index says {samples} samples of at least {per_sample} bytes, which "
+            f"need at least {least} bytes, but the shard is {size} bytes; the index does not "
+            "match its shards: re-convert the stream"
+        )
+
+
+def index_location(stream: Any) -> str:
+    """Where a stream's index comes from, for messages: the remote URL, or the local file."""
+    split = f"{stream.split}/" if stream.split else ""
+    if stream.remote:
+        return f"{stream.remote.rstrip('/')}/{split}{INDEX_NAME}"
+    return os.path.join(stream.local, split, INDEX_NAME)
 
 
 def checked_get_shards(stream: Any) -> Callable[..., list[Any]]:
@@ -114,11 +196,7 @@ def checked_get_shards(stream: Any) -> Callable[..., list[Any]]:
     def get_shards(world: Any, allow_unsafe_types: bool) -> list[Any]:
         local_dir = os.path.join(stream.local, stream.split)
         filename = os.path.join(local_dir, INDEX_NAME)
-        where = (
-            f"{stream.remote.rstrip('/')}/{stream.split + '/' if stream.split else ''}{INDEX_NAME}"
-            if stream.remote
-            else filename
-        )
+        where = index_location(stream)
         try:
             try:
                 shards = original(stream, world, allow_unsafe_types)

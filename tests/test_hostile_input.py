@@ -152,3 +152,77 @@ def test_shard_tools_inspect_and_verify_refuse_paths_outside_the_stream(
     err = capsys.readouterr().err
     assert f"FAIL {index}: refusing shard 1 zip_data basename {str(outside)!r}" in err
     assert "x.mds:" not in err  # the outside file was never read
+
+
+def _set(key: str, value: Any, shard: int = 1) -> Tamper:
+    def tamper(shards: list[dict[str, Any]]) -> None:
+        if value is _DELETE:
+            del shards[shard][key]
+        else:
+            shards[shard][key] = value(shards[shard][key]) if callable(value) else value
+
+    return tamper
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (_set("samples", lambda n: n - 5), "holds {n} samples, but the index says {m}"),
+        (_set("samples", lambda n: n + 5), "holds {n} samples, but the index says {m}"),
+        (_set("samples", lambda n: 10 * n), "holds {n} samples, but the index says {m}"),
+        (_set("samples", -1), "samples is -1; expected an integer from 0"),
+        (_set("samples", 2.5), "samples is 2.5; expected an integer"),
+        (_set("samples", True), "samples is True; expected an integer"),
+        (_set("samples", 1 << 40), "expected an integer from 0 to 4294967295"),
+        (_set("samples", _DELETE), "samples is None"),
+        (_set("raw_data", lambda d: {**d, "bytes": -3}), "raw_data bytes is -3"),
+        (_set("column_sizes", [64, 2]), "one entry per column"),
+        (_set("zip_data", lambda d: {**d, "basename": "shard.00000.mds.zstd"}), "both name"),
+    ],
+)
+def test_inconsistent_index_entries_are_refused_at_construction(
+    mixture: str, tmp_path: Path, tamper: Tamper, message: str
+) -> None:
+    corpus = _copy(mixture, tmp_path)
+    original = json.loads((corpus / "beta" / "train" / "index.json").read_text())["shards"][1]
+    index = _tamper_index(corpus, tamper)
+    entry = json.loads(index.read_text())["shards"][1]
+    message = message.format(n=original["samples"], m=entry.get("samples"))
+    with pytest.raises(ShardIndexError) as info:
+        DynamicStreamingDataset(manifest=str(corpus), batch_size=4)
+    assert str(info.value).startswith(f"{index}: ")
+    assert message in str(info.value)
+    assert shard_tools(["inspect", str(corpus)]) == 2
+
+
+@pytest.mark.parametrize("delta", [-7, 7])
+def test_a_text_shard_with_another_count_than_its_index_fails_on_first_read(
+    tmp_path: Path, delta: int
+) -> None:
+    """Variable-size samples: the index cannot tell the count, the shard header can. Too few in
+    the index used to skip samples silently, too many failed with a bare IndexError."""
+    from streaming import MDSWriter, Stream
+
+    stream = tmp_path / "text"
+    with MDSWriter(out=str(stream), columns={"text": "str"}, size_limit=1 << 10) as writer:
+        for i in range(120):
+            writer.write({"text": f"document {i} " + "word " * (i % 13)})
+    _tamper_index(tmp_path, _set("samples", lambda n: n + delta, shard=1), stream="text")
+    first_shard = json.loads((stream / "index.json").read_text())["shards"][0]["samples"]
+    ds = DynamicStreamingDataset(streams=[Stream(local=str(stream))], batch_size=4, shuffle=False)
+    try:
+        assert ds[0]["text"] == "document 0 "  # shard 0 is fine
+        with pytest.raises(ShardIndexError) as info:
+            ds[first_shard]
+        shard = stream / "shard.00001.mds"
+        assert str(info.value).startswith(f"{shard} holds ")
+        assert f"but {stream / 'index.json'} says" in str(info.value)
+    finally:
+        ds.close()
+    # Far more than the shard's bytes could hold is refused from the index alone.
+    _tamper_index(tmp_path, _set("samples", lambda n: 100 * n, shard=1), stream="text")
+    with pytest.raises(ShardIndexError, match="samples of at least 4 bytes, which need at least"):
+        DynamicStreamingDataset(streams=[Stream(local=str(stream))], batch_size=4)
