@@ -22,6 +22,7 @@ import copy
 import hashlib
 import logging
 import math
+import numbers
 import os
 import random
 import tempfile
@@ -54,11 +55,13 @@ STATE_VERSION = 1
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
 _PREFIX_ATTEMPTS = 8
+MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
 _KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
 
 
 class MixtureStateError(ValueError):
-    """A saved state does not belong to this mixture (other streams, seed or batch size)."""
+    """A saved state is malformed, inconsistent, or belongs to another mixture (other
+    streams, seed or batch size)."""
 
 
 @dataclass(frozen=True)
@@ -306,8 +309,8 @@ class DynamicStreamingDataset(StreamingDataset):
     def _publish_horizon(self) -> None:
         self._channel.set_horizon(self._step + self.update_lag if self.lockstep else UNBOUNDED)
 
-    def _check_step(self, step: int) -> int:
-        step = int(step)
+    def _check_step(self, step: int, what: str = "step") -> int:
+        step = _whole_batch(step, what, ValueError)
         if step < self._step:
             raise ValueError(
                 f"step {step} is in the past: the dataset was already told about step "
@@ -332,7 +335,11 @@ class DynamicStreamingDataset(StreamingDataset):
             vec = normalize_weights(weights, self.group_names)
             step = self._check_step(step)
             earliest = step + self.update_lag
-            effective = earliest if effective_step is None else int(effective_step)
+            effective = (
+                earliest
+                if effective_step is None
+                else _whole_batch(effective_step, "effective_step", ValueError)
+            )
             # Before the first batch is planned nothing can be prefetched: a schedule set up
             # front (e.g. at Composer's FIT_START) may start right at ``step``.
             floor = earliest if self._channel.started else step
@@ -420,13 +427,18 @@ class DynamicStreamingDataset(StreamingDataset):
         }
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """Continue exactly where ``obj`` was saved, on any world size or worker count."""
+        """Continue exactly where ``obj`` was saved, on any world size or worker count.
+
+        The whole state is checked first (:func:`_check_state`): a checkpoint is a file that
+        may be truncated, edited or from elsewhere, and a wrong count or weight would not
+        fail later, it would silently change the sample order.
+        """
         if not isinstance(obj, Mapping) or obj.get("version") != STATE_VERSION:
             raise MixtureStateError(
                 "not a DynamicStreamingDataset state (or from another mixstream version); "
                 "was it saved by plain StreamingDataset?"
             )
-        saved, mine = obj["identity"], self._identity()
+        saved, mine = _check_identity(obj), self._identity()
         problems = []
         for key in ("seed", "global_batch_size", "shuffle", "shuffle_block_size", "epoch_size"):
             if saved[key] != mine[key]:
@@ -447,15 +459,17 @@ class DynamicStreamingDataset(StreamingDataset):
                 + "; ".join(problems)
                 + hint
             )
-        state = PlanState.from_dict(obj["plan"])
-        self._schedule = WeightSchedule.from_list(obj["schedule"])
+        state, schedule, update_lag = _check_state(
+            obj, self.plan.num_groups, self.global_batch_size, self.batches_per_epoch
+        )
+        self._schedule = schedule
         for batch, vec in self._schedule.entries:
             self._channel.publish(batch, vec)
-        if int(obj.get("update_lag", self.update_lag)) > self.update_lag:
+        if update_lag is not None and update_lag > self.update_lag:
             log.warning(
-                "resuming with update_lag %d, smaller than the saved %s",
+                "resuming with update_lag %d, smaller than the saved %d",
                 self.update_lag,
-                obj.get("update_lag"),
+                update_lag,
             )
         self._resume = _Resume(state.batch // self.batches_per_epoch, state)
         self._known = {0: PlanState.initial(self.plan.num_groups)}
@@ -616,6 +630,161 @@ class DynamicStreamingDataset(StreamingDataset):
     def close(self) -> None:
         """Release this dataset's shared memory (also done at garbage collection)."""
         self._channel.close()
+
+
+def _whole_batch(value: Any, what: str, error: type[ValueError]) -> int:
+    """``value`` as a global batch index, or ``error``: an integer from 0 to ``MAX_BATCH``.
+
+    Batch indexes travel through the worker channel as float64, exact only below 2**53; a
+    float step (1.7) would silently be truncated.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{what} must be an integer global batch index, got {value!r}")
+    if not 0 <= int(value) <= MAX_BATCH:
+        raise error(f"{what} {value} is outside the run: expected 0 to {MAX_BATCH}")
+    return int(value)
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    """``obj[key]`` if present and of ``kind``, else a :class:`MixtureStateError` naming it."""
+    if not isinstance(obj, Mapping):
+        raise MixtureStateError(f"state field {where} must be an object, got {obj!r:.80}")
+    path = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise MixtureStateError(f"state field {path} is missing")
+    value = obj[key]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _kinds(kind))
+    if not ok:
+        names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in _kinds(kind))
+        raise MixtureStateError(
+            f"state field {path} must be {names}, got {type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
+_KIND_NAMES = {
+    numbers.Integral: "an integer",
+    Mapping: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _count_of(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise MixtureStateError(
+            f"state field {where} must be a non-negative integer, got {value!r}"
+        )
+    return int(value)
+
+
+def _vector(value: Any, where: str, num_groups: int) -> np.ndarray:
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != num_groups:
+        raise MixtureStateError(f"state field {where} must be a list of {num_groups} numbers")
+    out = []
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
+            raise MixtureStateError(
+                f"state field {where}[{i}] must be a finite non-negative number, got {x!r}"
+            )
+        out.append(float(x))
+    return np.array(out, dtype=np.float64)
+
+
+def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The saved ``identity``, checked for the fields and types it is compared on."""
+    identity = _field(obj, "identity", "", Mapping)
+    for key in ("seed", "global_batch_size", "shuffle_block_size", "epoch_size"):
+        _field(identity, key, "identity", numbers.Integral)
+    _field(identity, "shuffle", "identity", bool)
+    streams = _field(identity, "streams", "identity", list)
+    for i, stream in enumerate(streams):
+        _field(stream, "group", f"identity.streams[{i}]", str)
+        _field(stream, "samples", f"identity.streams[{i}]", numbers.Integral)
+    return identity
+
+
+def _check_state(
+    obj: Mapping[str, Any], num_groups: int, global_batch: int, batches_per_epoch: int
+) -> tuple[PlanState, WeightSchedule, int | None]:
+    """Parse a saved state, checking every field and how they agree with each other.
+
+    Beyond types and ranges: the schedule starts at batch 0 with strictly increasing batches
+    and weights that sum to 1; the counts sum to the samples of ``batch`` global batches; the
+    targets are what the schedule implies (computed in O(schedule), not by replaying it);
+    each count is within a batch of its target (the apportionment keeps them within about 2);
+    epoch and sample_in_epoch name the same batch. Every problem is a MixtureStateError
+    naming the field.
+    """
+    plan = _field(obj, "plan", "", Mapping)
+    batch = _whole_batch(
+        _field(plan, "batch", "plan", numbers.Integral), "state field plan.batch", MixtureStateError
+    )
+    counts_in = _field(plan, "counts", "plan", list)
+    if len(counts_in) != num_groups:
+        raise MixtureStateError(f"state field plan.counts must be a list of {num_groups} counts")
+    counts = [_count_of(c, f"plan.counts[{g}]") for g, c in enumerate(counts_in)]
+    targets = _vector(_field(plan, "targets", "plan", list), "plan.targets", num_groups)
+    if sum(counts) != batch * global_batch:
+        raise MixtureStateError(
+            f"state field plan.counts sums to {sum(counts)}, but {batch} global batches of "
+            f"{global_batch} hold {batch * global_batch} samples"
+        )
+
+    entries = _field(obj, "schedule", "", list)
+    if not entries:
+        raise MixtureStateError("state field schedule is empty; it must start at batch 0")
+    schedule = WeightSchedule()
+    for i, entry in enumerate(entries):
+        where = f"schedule[{i}]"
+        if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
+            raise MixtureStateError(f"state field {where} must be [batch, weights]")
+        start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
+        if i == 0 and start != 0:
+            raise MixtureStateError(f"state field {where} starts at batch {start}, not 0")
+        if i and start <= schedule.entries[-1][0]:
+            raise MixtureStateError(
+                f"state field {where} is at batch {start}, not after {schedule.entries[-1][0]}: "
+                "schedule batches must be strictly increasing"
+            )
+        weights = _vector(entry[1], f"{where}[1]", num_groups)
+        if not math.isclose(weights.sum(), 1.0, rel_tol=1e-6):
+            raise MixtureStateError(
+                f"state field {where}[1] sums to {weights.sum():.6g}; saved weights sum to 1"
+            )
+        schedule.entries.append((start, weights))
+
+    expected = schedule.average(batch) * batch * global_batch
+    tolerance = 1e-6 * max(1.0, batch * global_batch)
+    for g in range(num_groups):
+        if abs(targets[g] - expected[g]) > tolerance:
+            raise MixtureStateError(
+                f"state field plan.targets[{g}] is {targets[g]:.6g}, but the schedule implies "
+                f"{expected[g]:.6g} after {batch} batches"
+            )
+        if abs(counts[g] - targets[g]) > global_batch + 2:
+            raise MixtureStateError(
+                f"state field plan.counts[{g}] is {counts[g]}, more than a batch away from its "
+                f"target {targets[g]:.6g}: the counts do not follow the schedule"
+            )
+
+    epoch = _count_of(_field(obj, "epoch", "", numbers.Integral), "epoch")
+    in_epoch = _count_of(_field(obj, "sample_in_epoch", "", numbers.Integral), "sample_in_epoch")
+    if (epoch, in_epoch) != (batch // batches_per_epoch, batch % batches_per_epoch * global_batch):
+        raise MixtureStateError(
+            f"state fields epoch {epoch} and sample_in_epoch {in_epoch} disagree with plan.batch "
+            f"{batch} ({batches_per_epoch} batches of {global_batch} per epoch)"
+        )
+    lag = obj.get("update_lag")
+    if lag is not None:
+        lag = _count_of(lag, "update_lag")
+    state = PlanState(batch, tuple(float(t) for t in targets), tuple(counts))
+    return state, schedule, lag
 
 
 class _CountedMDSReader(MDSReader):

@@ -10,9 +10,10 @@ import collections
 import copy
 import dataclasses
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mixture_harness import (
@@ -233,12 +234,14 @@ def test_resume_planning_cost_does_not_depend_on_position(local_mixture: str) ->
     try:
         batch = 10**9 // 8
         state = ds.state_dict(0, True)
+        third = batch * 8 // 3
         state["plan"] = {
             "batch": batch,
             "targets": [batch * 8 / 3] * 3,
-            "counts": [round(batch * 8 / 3)] * 3,
+            "counts": [batch * 8 - 2 * third, third, third],
         }
         state["epoch"] = batch // ds.batches_per_epoch
+        state["sample_in_epoch"] = (batch % ds.batches_per_epoch) * 8
         ds.load_state_dict(state)
         first = next(iter(ds))
         assert "input_ids" in first and first["group"] in (0, 1, 2)
@@ -394,3 +397,82 @@ def test_plan_queries_in_any_legal_order_agree_and_never_raise(
     finally:
         trainer.close()
         resumed.close()
+
+
+def _mutations() -> list[tuple[str, Callable[[dict], None], str]]:
+    def plan(key: str, value: object) -> Callable[[dict], None]:
+        return lambda s: s["plan"].__setitem__(key, value)
+
+    def shift(s: dict, by: int) -> None:
+        s["plan"]["counts"][0] += by
+        s["plan"]["counts"][1] -= by
+
+    return [
+        ("negative count", lambda s: s["plan"]["counts"].__setitem__(1, -1), r"plan\.counts\[1\]"),
+        ("count off the batch", lambda s: s["plan"]["counts"].__setitem__(0, 999), "sums to"),
+        ("counts off the targets", lambda s: shift(s, 7), r"plan\.counts\[0\] is .* target"),
+        ("negative batch", plan("batch", -3), r"plan\.batch -3 is outside the run"),
+        ("float batch", plan("batch", 2.5), r"plan\.batch must be an integer"),
+        ("huge batch", plan("batch", 10**30), r"plan\.batch 10+ is outside the run"),
+        ("targets", lambda s: s["plan"]["targets"].__setitem__(2, 1.0), r"plan\.targets\[2\]"),
+        ("nan target", lambda s: s["plan"]["targets"].__setitem__(0, float("nan")), "finite"),
+        ("short counts", plan("counts", [1, 2]), r"plan\.counts must be a list of 3"),
+        ("no counts", lambda s: s["plan"].pop("counts"), r"plan\.counts is missing"),
+        ("no plan", lambda s: s.pop("plan"), "state field plan is missing"),
+        ("no schedule", lambda s: s.pop("schedule"), "schedule is missing"),
+        ("empty schedule", lambda s: s.__setitem__("schedule", []), "schedule is empty"),
+        ("late start", lambda s: s["schedule"][0].__setitem__(0, 1), r"schedule\[0\] starts"),
+        ("unsorted", lambda s: s["schedule"].reverse(), r"schedule\[0\] starts at batch 1[0-9]"),
+        ("repeat", lambda s: s["schedule"].append(s["schedule"][-1]), "strictly increasing"),
+        ("negative weight", lambda s: s["schedule"][1][1].__setitem__(0, -0.5), r"\[1\]\[0\]"),
+        ("unnormalized", lambda s: s["schedule"][1].__setitem__(1, [1, 1, 1]), "sums to 3"),
+        ("bad entry", lambda s: s["schedule"].__setitem__(1, 7), r"schedule\[1\] must be"),
+        ("epoch", lambda s: s.__setitem__("epoch", 5), "epoch 5 and sample_in_epoch"),
+        ("no epoch", lambda s: s.pop("sample_in_epoch"), "sample_in_epoch is missing"),
+        ("lag", lambda s: s.__setitem__("update_lag", -1), "update_lag must be a non-negative"),
+        ("no seed", lambda s: s["identity"].pop("seed"), r"identity\.seed is missing"),
+        ("str seed", lambda s: s["identity"].__setitem__("seed", "7"), r"identity\.seed must be"),
+        ("streams", lambda s: s["identity"].__setitem__("streams", {}), r"identity\.streams"),
+    ]
+
+
+@pytest.mark.parametrize(("name", "mutate", "message"), _mutations(), ids=lambda x: x)
+def test_corrupt_states_are_refused_naming_the_field(
+    local_mixture: str, name: str, mutate: Callable[[dict], None], message: str
+) -> None:
+    """Every field of a saved state is checked; a bad one is a MixtureStateError saying which,
+    and leaves the dataset as it was (it used to load silently or raise a bare KeyError)."""
+    del name
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, update_lag=2, seed=1)
+    try:
+        ds.set_weights([0.6, 0.3, 0.1], step=0, effective_step=0)
+        ds.set_weights([0.1, 0.2, 0.7], step=9)
+        good = ds.state_dict(10 * 4, True)  # the second update (batch 11) is still pending
+        assert [b for b, _ in good["schedule"]] == [0, 11]
+        bad = copy.deepcopy(good)
+        mutate(bad)
+        with pytest.raises(MixtureStateError, match=message):
+            ds.load_state_dict(bad)
+        assert ds.state_dict(10 * 4, True) == good
+        ds.load_state_dict(copy.deepcopy(good))
+        assert ds.realized_counts == dict(zip(GROUPS, good["plan"]["counts"], strict=True))
+    finally:
+        ds.close()
+
+
+def test_steps_must_be_whole_batches_within_the_run(local_mixture: str) -> None:
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, update_lag=2)
+    try:
+        for step, message in [(1.7, "must be an integer"), (10**30, "outside the run")]:
+            with pytest.raises(ValueError, match=f"step {message}|step {step} is {message}"):
+                ds.set_weights([1, 1, 1], step=step)  # type: ignore[arg-type]
+            with pytest.raises(ValueError, match=message):
+                ds.advance(step)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="effective_step must be an integer"):
+            ds.set_weights([1, 1, 1], step=0, effective_step=4.0)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="step must be an integer"):
+            ds.advance(True)
+        assert ds.set_weights([1, 1, 1], step=np.int64(3)) == 5
+        assert [b for b, _ in ds.schedule] == [0, 5]
+    finally:
+        ds.close()
