@@ -59,6 +59,8 @@ def unsafe_path_reason(path: Any) -> str | None:
         return "it is a URL, not a relative path"
     if ".." in path.replace("\\", "/").split("/"):
         return "it contains '..'"
+    if os.path.normpath(path.replace("\\", "/")) == ".":
+        return "it names the root itself"
     return None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 __all__ = [
     "StorageError",
     "check_writable",
+    "delete_file",
     "delete_prefix",
     "exists",
     "is_remote",
@@ -205,6 +206,16 @@ def list_files(url: str) -> list[str]:
         if not root.exists():
             return []
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def delete_file(url: str) -> None:
+    """Delete one file if it exists."""
+    with _guard(url, "delete"):
+        if is_remote(url):
+            bucket, key = split_s3_url(url)
+            s3_client().delete_object(Bucket=bucket, Key=key)
+            return
+        Path(url).unlink(missing_ok=True)
 
 
 def delete_prefix(url: str) -> None:

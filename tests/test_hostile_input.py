@@ -109,6 +109,7 @@ def test_shard_paths_outside_a_local_stream_are_refused(mixture: str, tmp_path: 
         ("/etc", "absolute path"),
         ("alpha/../../train", "contains '..'"),
         ("s3://elsewhere/train", "is a URL"),
+        ("./", "names the root itself"),  # --overwrite would replace the whole corpus
     ],
 )
 def test_manifest_stream_paths_outside_the_corpus_are_refused(
