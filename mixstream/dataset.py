@@ -18,6 +18,8 @@ ever re-planned. Updates reach the workers through :class:`mixstream.channel.Sch
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import hashlib
 import logging
@@ -25,16 +27,20 @@ import math
 import numbers
 import os
 import random
+import re
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streaming.base.dataset as streaming_dataset_module
+import streaming.base.shared.memory as streaming_shared_memory
 from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
@@ -119,6 +125,9 @@ class DynamicStreamingDataset(StreamingDataset):
             :meth:`set_weights`/:meth:`advance` plus the lag (our Composer algorithms do
             announce every step). Without it, workers rely on the lag alone and a late update
             (one for a batch already produced) raises instead of being silently ignored.
+        lockstep_timeout: seconds a worker waits for the trainer to announce a step before
+            raising (a training loop that never calls :meth:`advance` would otherwise hang
+            forever); ``None`` waits forever.
     """
 
     def __init__(
@@ -144,6 +153,7 @@ class DynamicStreamingDataset(StreamingDataset):
         prefetch_factor: int = 2,
         update_lag: int | None = None,
         lockstep: bool = False,
+        lockstep_timeout: float | None = 600.0,
     ) -> None:
         if (manifest is None) == (streams is None):
             raise ValueError("pass exactly one of manifest= or streams=")
@@ -172,6 +182,9 @@ class DynamicStreamingDataset(StreamingDataset):
         # the duration of its constructor (the only place it is created).
         original = streaming_dataset_module.Spanner
         streaming_dataset_module.Spanner = ShardSpanner
+        if _distributed_local_leader():
+            reclaim_stale_filelocks()
+        owned: list[Any] = []
         try:
             for attempt in range(_PREFIX_ATTEMPTS):
                 # streaming's constructor fills in each stream's defaults; a retry needs
@@ -180,16 +193,17 @@ class DynamicStreamingDataset(StreamingDataset):
                 for s in copies:
                     s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
                 try:
-                    super().__init__(
-                        streams=copies,
-                        batch_size=batch_size,
-                        shuffle=False,
-                        cache_limit=cache_limit,
-                        predownload=predownload,
-                        download_retry=download_retry,
-                        download_timeout=download_timeout,
-                        validate_hash=validate_hash,
-                    )
+                    with _recording_shared_memory(owned):
+                        super().__init__(
+                            streams=copies,
+                            batch_size=batch_size,
+                            shuffle=False,
+                            cache_limit=cache_limit,
+                            predownload=predownload,
+                            download_retry=download_retry,
+                            download_timeout=download_timeout,
+                            validate_hash=validate_hash,
+                        )
                     break
                 except FileExistsError as exc:
                     # streaming picks its shared-memory prefix by scanning for a free one,
@@ -203,8 +217,22 @@ class DynamicStreamingDataset(StreamingDataset):
                 finally:
                     for s in copies:
                         s.__dict__.pop("get_shards", None)  # keeps the streams picklable
+        except BaseException:
+            _release_shared_memory(os.getpid(), owned, [])
+            raise
         finally:
             streaming_dataset_module.Spanner = original
+        # streaming registers every segment it creates or attaches (its own and, from its
+        # prefix scan, other jobs') with atexit, so none is released before the process ends:
+        # fds and /dev/shm entries pile up per dataset. We release ours at close/GC instead.
+        locks = [self._shared_barrier.filelock_path, self._cache_filelock_path]
+        self._release = weakref.finalize(
+            self,
+            _release_shared_memory,
+            os.getpid(),
+            owned,
+            locks if self._created_prefix(owned) else [],
+        )
         self.group_names = names
         self.split = split
         self.device_batch_size = int(batch_size)
@@ -217,6 +245,9 @@ class DynamicStreamingDataset(StreamingDataset):
             raise ValueError(f"update_lag must be >= 1, got {update_lag}")
         self.update_lag = int(update_lag)
         self.lockstep = bool(lockstep)
+        if lockstep_timeout is not None and not lockstep_timeout > 0:
+            raise ValueError(f"lockstep_timeout must be positive or None, got {lockstep_timeout}")
+        self.lockstep_timeout = lockstep_timeout
         self.seed = int(seed)
         self.epoch_size = int(epoch_size) if epoch_size is not None else int(self.num_samples)
         self.batches_per_epoch = self.epoch_size // self.global_batch_size
@@ -506,7 +537,16 @@ class DynamicStreamingDataset(StreamingDataset):
     def _wait_final(self, batch: int) -> None:
         """Make sure the weights for ``batch`` are final and in our copy of the schedule."""
         if self.lockstep:
-            self._channel.wait_for(batch)
+            try:
+                self._channel.wait_for(batch, timeout=self.lockstep_timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"lockstep: waited {self.lockstep_timeout:g} s for the training loop to "
+                    f"announce step {batch - self.update_lag + 1} (needed to plan global batch "
+                    f"{batch} with update_lag {self.update_lag}); with lockstep=True call "
+                    "dataset.advance(step) (or set_weights) after every batch, or build the "
+                    "dataset with lockstep=False"
+                ) from None
         late = [b for b in self._channel.sync(self._schedule) if b <= self._planned_through]
         if late:
             raise RuntimeError(
@@ -627,9 +667,104 @@ class DynamicStreamingDataset(StreamingDataset):
                 if states[int(s)] == _REMOTE_SHARD:
                     pool.submit(self.prepare_shard, int(s), False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers get a copy without the finalizer: only the creating process (which
+        # keeps it) releases the shared memory.
+        state = self.__dict__.copy()
+        state.pop("_release", None)
+        return state
+
+    def _created_prefix(self, owned: list[Any]) -> bool:
+        """Whether this process registered the shared-memory prefix (the node's local leader)."""
+        return any(shm.created_shms and shm.shm.name.endswith("_locals") for shm in owned)
+
     def close(self) -> None:
-        """Release this dataset's shared memory (also done at garbage collection)."""
+        """Release what this dataset holds in this process (also done at garbage collection).
+
+        Its weight channel, streaming's shared memory segments and their file descriptors,
+        its S3 clients, and -- where this process registered the node's shared-memory prefix
+        -- streaming's lock files for it. The dataset cannot be iterated afterwards. Call it
+        on every rank once training is done.
+        """
         self._channel.close()
+        for stream in self.streams:
+            stream._downloader.clean_up()
+        if hasattr(self, "_release"):
+            self._release()
+
+
+_STREAMING_FILELOCK = re.compile(r"^(\d{6})_(?:barrier|cache)_filelock$")
+
+
+def reclaim_stale_filelocks(directory: str | None = None) -> list[str]:
+    """Remove streaming lock files of shared-memory prefixes no job holds any more.
+
+    streaming creates ``<prefix>_barrier_filelock``/``_cache_filelock`` in the temp dir and
+    never removes them; a prefix whose lock files exist is skipped by every later job, so
+    killed runs leave hundreds behind and push prefixes ever higher. A prefix is held while
+    any ``/dev/shm/<prefix>_*`` segment exists (they are created before, and removed after,
+    its locks); lock files of a prefix without one are stale. Segments of a killed run keep
+    their locks: reusing a prefix whose segments exist would attach to them. Returns the
+    removed names.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return []
+    directory = directory or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    held = {n.split("_", 1)[0] for n in os.listdir(shm)}
+    for name in names:
+        match = _STREAMING_FILELOCK.match(name)
+        if match and match.group(1) not in held:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def _recording_shared_memory(owned: list[Any]) -> Iterator[None]:
+    """Collect every streaming ``SharedMemory`` this thread makes inside the block."""
+    cls = streaming_shared_memory.SharedMemory
+    original = cls.__init__
+    thread = threading.get_ident()
+
+    def init(shm: Any, *args: Any, **kwargs: Any) -> None:
+        original(shm, *args, **kwargs)
+        if threading.get_ident() == thread:
+            owned.append(shm)
+
+    cls.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cls.__init__ = original  # type: ignore[method-assign]
+
+
+def _release_shared_memory(pid: int, owned: list[Any], locks: list[str]) -> None:
+    """Close (and unlink, where created) the segments; only in the process that made them.
+
+    Forked workers inherit the list; a worker must never unlink its trainer's segments.
+    """
+    if os.getpid() != pid:
+        return
+    for path in locks:  # before the prefix's segment goes: see reclaim_stale_filelocks
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    while owned:
+        shm = owned.pop()
+        atexit.unregister(shm.cleanup)
+        with contextlib.suppress(Exception):
+            shm.cleanup()
+
+
+def _distributed_local_leader() -> bool:
+    """Whether this process is the first of its node (or not distributed at all)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _whole_batch(value: Any, what: str, error: type[ValueError]) -> int:

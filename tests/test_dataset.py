@@ -7,9 +7,14 @@ loaders use real worker processes, and the streams live on the embedded SeaweedF
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import dataclasses
+import gc
+import os
 import random
+import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -474,5 +479,110 @@ def test_steps_must_be_whole_batches_within_the_run(local_mixture: str) -> None:
             ds.advance(True)
         assert ds.set_weights([1, 1, 1], step=np.int64(3)) == 5
         assert [b for b, _ in ds.schedule] == [0, 5]
+    finally:
+        ds.close()
+
+
+def test_lockstep_without_advance_times_out_saying_what_to_do(local_mixture: str) -> None:
+    """A loop that never calls advance() used to hang forever at batch step + lag."""
+    ds = DynamicStreamingDataset(
+        manifest=local_mixture, batch_size=4, update_lag=2, lockstep=True, lockstep_timeout=0.3
+    )
+    try:
+        it = iter(ds)
+        got = [next(it) for _ in range(2 * 4)]  # batches 0 and 1 are below the horizon
+        assert len(got) == 8
+        with pytest.raises(TimeoutError) as info:
+            next(it)
+        message = str(info.value)
+        assert "waited 0.3 s for the training loop to announce step 1" in message
+        assert "call dataset.advance(step)" in message and "lockstep=False" in message
+    finally:
+        ds.close()
+    with pytest.raises(ValueError, match="lockstep_timeout must be positive"):
+        DynamicStreamingDataset(manifest=local_mixture, batch_size=4, lockstep_timeout=0)
+
+
+def _shm_fds() -> int:
+    """File descriptors of this process open on shared memory."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("/dev/shm/")
+    return count
+
+
+def _inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _created_segments(ds: DynamicStreamingDataset) -> list[str]:
+    """Names of the streaming segments this dataset created (not those it attached to)."""
+    _, owned, _ = ds._release.peek()[2]  # (object, function, args, kwargs)
+    return [segment.name for shm in owned for segment in shm.created_shms]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_close_releases_file_descriptors_shared_memory_and_locks(
+    local_mixture: str, workers: int
+) -> None:
+    """Building and dropping datasets in one process (``mixstream search``, notebooks) used to
+    leak 24-88 fds and 6-8 shared-memory segments each, and their lock files, until exit."""
+    from torch.utils.data import DataLoader
+
+    def cycle(close: bool) -> dict[str, int]:
+        ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4, num_workers=workers)
+        made = [*_created_segments(ds), ds._channel.name]
+        assert any(name.endswith("_locals") for name in made)
+        locks = [ds._shared_barrier.filelock_path, ds._cache_filelock_path]
+        loader = DataLoader(ds, batch_size=4, num_workers=workers)
+        assert len(list(zip(range(3), loader, strict=False))) == 3
+        assert any(os.path.exists(p) for p in locks)
+        # Other jobs on this machine may reuse the names right after we free them: what must
+        # be gone is our files, told apart by inode.
+        paths = [p if "/" in p else f"/dev/shm/{p}" for p in made + locks]
+        inodes = {p: os.stat(p).st_ino for p in paths if os.path.exists(p)}
+        del loader
+        if close:
+            ds.close()
+        alive = weakref.ref(ds)
+        del ds
+        gc.collect()
+        assert alive() is None, [type(r).__name__ for r in gc.get_referrers(alive())]
+        return inodes
+
+    cycle(close=True)  # imports, thread pools and the like are made once per process
+    before = _shm_fds()
+    for i in range(4):
+        inodes = cycle(close=i % 2 == 0)  # closed, or only dropped and collected
+        leftovers = [p for p, ino in inodes.items() if _inode(p) == ino]
+        assert not leftovers, (i, leftovers)
+        assert _shm_fds() <= before, f"cycle {i}: {_shm_fds()} shared-memory fds, was {before}"
+
+
+def test_stale_streaming_lock_files_are_reclaimed(
+    local_mixture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed runs leave streaming's ``<prefix>_*_filelock`` files, and streaming skips every
+    prefix that has one; those of prefixes no job holds are removed at construction."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = [tmp_path / f"9999{i:02}_barrier_filelock" for i in range(3)]
+    stale.append(tmp_path / "999950_cache_filelock")
+    other = tmp_path / "999960_something_else"
+    for path in [*stale, other]:
+        path.write_text("")
+    ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=4)
+    try:
+        next(iter(ds))
+        assert not any(p.exists() for p in stale)
+        assert other.exists()
+        live = Path(ds._shared_barrier.filelock_path)
+        assert live.parent == tmp_path and live.exists()
+        # A second dataset while the first is alive leaves the first one's locks alone.
+        DynamicStreamingDataset(manifest=local_mixture, batch_size=4).close()
+        assert live.exists()
     finally:
         ds.close()
