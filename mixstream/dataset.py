@@ -18,30 +18,39 @@ ever re-planned. Updates reach the workers through :class:`mixstream.channel.Sch
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
 import hashlib
 import logging
 import math
+import numbers
 import os
 import random
+import re
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streaming.base.dataset as streaming_dataset_module
+import streaming.base.shared.memory as streaming_shared_memory
 from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
+from streaming.base.format.mds.reader import MDSReader
 
 from mixstream import storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
+from mixstream.shardindex import ShardIndexError, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
 from mixstream.weights import Weights, WeightSchedule, normalize_weights
 
@@ -52,10 +61,13 @@ STATE_VERSION = 1
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
 _PREFIX_ATTEMPTS = 8
+MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
+_KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
 
 
 class MixtureStateError(ValueError):
-    """A saved state does not belong to this mixture (other streams, seed or batch size)."""
+    """A saved state is malformed, inconsistent, or belongs to another mixture (other
+    streams, seed or batch size)."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +125,9 @@ class DynamicStreamingDataset(StreamingDataset):
             :meth:`set_weights`/:meth:`advance` plus the lag (our Composer algorithms do
             announce every step). Without it, workers rely on the lag alone and a late update
             (one for a batch already produced) raises instead of being silently ignored.
+        lockstep_timeout: seconds a worker waits for the trainer to announce a step before
+            raising (a training loop that never calls :meth:`advance` would otherwise hang
+            forever); ``None`` waits forever.
     """
 
     def __init__(
@@ -138,6 +153,7 @@ class DynamicStreamingDataset(StreamingDataset):
         prefetch_factor: int = 2,
         update_lag: int | None = None,
         lockstep: bool = False,
+        lockstep_timeout: float | None = 600.0,
     ) -> None:
         if (manifest is None) == (streams is None):
             raise ValueError("pass exactly one of manifest= or streams=")
@@ -166,21 +182,28 @@ class DynamicStreamingDataset(StreamingDataset):
         # the duration of its constructor (the only place it is created).
         original = streaming_dataset_module.Spanner
         streaming_dataset_module.Spanner = ShardSpanner
+        if _distributed_local_leader():
+            reclaim_stale_filelocks()
+        owned: list[Any] = []
         try:
             for attempt in range(_PREFIX_ATTEMPTS):
+                # streaming's constructor fills in each stream's defaults; a retry needs
+                # them as they were given. Each copy checks its index before any shard I/O.
+                copies = [copy.copy(s) for s in streams]
+                for s in copies:
+                    s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
                 try:
-                    # streaming's constructor fills in each stream's defaults; a retry needs
-                    # them as they were given.
-                    super().__init__(
-                        streams=[copy.copy(s) for s in streams],
-                        batch_size=batch_size,
-                        shuffle=False,
-                        cache_limit=cache_limit,
-                        predownload=predownload,
-                        download_retry=download_retry,
-                        download_timeout=download_timeout,
-                        validate_hash=validate_hash,
-                    )
+                    with _recording_shared_memory(owned):
+                        super().__init__(
+                            streams=copies,
+                            batch_size=batch_size,
+                            shuffle=False,
+                            cache_limit=cache_limit,
+                            predownload=predownload,
+                            download_retry=download_retry,
+                            download_timeout=download_timeout,
+                            validate_hash=validate_hash,
+                        )
                     break
                 except FileExistsError as exc:
                     # streaming picks its shared-memory prefix by scanning for a free one,
@@ -191,8 +214,25 @@ class DynamicStreamingDataset(StreamingDataset):
                         raise
                     log.warning("shared-memory prefix taken by another job (%s); retrying", exc)
                     time.sleep(random.uniform(0.05, 0.5))
+                finally:
+                    for s in copies:
+                        s.__dict__.pop("get_shards", None)  # keeps the streams picklable
+        except BaseException:
+            _release_shared_memory(os.getpid(), owned, [])
+            raise
         finally:
             streaming_dataset_module.Spanner = original
+        # streaming registers every segment it creates or attaches (its own and, from its
+        # prefix scan, other jobs') with atexit, so none is released before the process ends:
+        # fds and /dev/shm entries pile up per dataset. We release ours at close/GC instead.
+        locks = [self._shared_barrier.filelock_path, self._cache_filelock_path]
+        self._release = weakref.finalize(
+            self,
+            _release_shared_memory,
+            os.getpid(),
+            owned,
+            locks if self._created_prefix(owned) else [],
+        )
         self.group_names = names
         self.split = split
         self.device_batch_size = int(batch_size)
@@ -205,6 +245,9 @@ class DynamicStreamingDataset(StreamingDataset):
             raise ValueError(f"update_lag must be >= 1, got {update_lag}")
         self.update_lag = int(update_lag)
         self.lockstep = bool(lockstep)
+        if lockstep_timeout is not None and not lockstep_timeout > 0:
+            raise ValueError(f"lockstep_timeout must be positive or None, got {lockstep_timeout}")
+        self.lockstep_timeout = lockstep_timeout
         self.seed = int(seed)
         self.epoch_size = int(epoch_size) if epoch_size is not None else int(self.num_samples)
         self.batches_per_epoch = self.epoch_size // self.global_batch_size
@@ -230,7 +273,9 @@ class DynamicStreamingDataset(StreamingDataset):
         self._channel = ScheduleChannel(len(names))
         self._channel.publish(0, initial)
         self._step = 0  # last step announced by the trainer (batches consumed)
-        self._state = PlanState.initial(len(names))  # trainer-side plan position (lazy)
+        # Plan states computed so far, by batch: any later one is reached by stepping from
+        # the nearest earlier one. Only states consistent with the current schedule are kept.
+        self._known: dict[int, PlanState] = {0: PlanState.initial(len(names))}
         self._resume: _Resume | None = None
         self._creator_pid = os.getpid()
         self._publish_horizon()
@@ -258,8 +303,36 @@ class DynamicStreamingDataset(StreamingDataset):
     @property
     def realized_counts(self) -> dict[str, int]:
         """Samples drawn per group over all global batches before the current step."""
-        self._state = self.plan.advance(self._state, self._schedule, self._step)
-        return dict(zip(self.group_names, self._state.counts, strict=True))
+        counts = self._plan_state(self._step).counts
+        return dict(zip(self.group_names, counts, strict=True))
+
+    def _nearest_known(self, batch: int) -> PlanState:
+        """The known plan state closest to, and not after, the one before ``batch``."""
+        candidates = list(self._known.values())
+        if self._resume is not None:
+            candidates.append(self._resume.state)
+        return max((s for s in candidates if s.batch <= batch), key=lambda s: s.batch)
+
+    def _remember(self, state: PlanState) -> None:
+        self._known[state.batch] = state
+        if len(self._known) > _KNOWN_STATES + 1:
+            del self._known[next(b for b in self._known if b != 0)]  # oldest, never the initial
+
+    def _plan_state(self, batch: int) -> PlanState:
+        """The plan state before global ``batch`` under the current schedule.
+
+        Any batch may be asked for in any order (a checkpoint ahead of the trainer's last
+        announced step, then the step itself): the state is stepped from the nearest known
+        state before it, never back from a later one.
+        """
+        state = self.plan.advance(self._nearest_known(batch), self._schedule, batch)
+        self._remember(state)
+        return state
+
+    def _forget_after(self, batch: int) -> None:
+        """Drop plan states that the weights in force from ``batch`` on went into."""
+        for b in [b for b in self._known if b > batch]:
+            del self._known[b]
 
     def _as_dict(self, vec: np.ndarray) -> dict[str, float]:
         return {g: float(x) for g, x in zip(self.group_names, vec, strict=True)}
@@ -267,8 +340,8 @@ class DynamicStreamingDataset(StreamingDataset):
     def _publish_horizon(self) -> None:
         self._channel.set_horizon(self._step + self.update_lag if self.lockstep else UNBOUNDED)
 
-    def _check_step(self, step: int) -> int:
-        step = int(step)
+    def _check_step(self, step: int, what: str = "step") -> int:
+        step = _whole_batch(step, what, ValueError)
         if step < self._step:
             raise ValueError(
                 f"step {step} is in the past: the dataset was already told about step "
@@ -293,7 +366,11 @@ class DynamicStreamingDataset(StreamingDataset):
             vec = normalize_weights(weights, self.group_names)
             step = self._check_step(step)
             earliest = step + self.update_lag
-            effective = earliest if effective_step is None else int(effective_step)
+            effective = (
+                earliest
+                if effective_step is None
+                else _whole_batch(effective_step, "effective_step", ValueError)
+            )
             # Before the first batch is planned nothing can be prefetched: a schedule set up
             # front (e.g. at Composer's FIT_START) may start right at ``step``.
             floor = earliest if self._channel.started else step
@@ -311,6 +388,7 @@ class DynamicStreamingDataset(StreamingDataset):
             raise ValueError(str(payload)) from None
         vec, step, effective = payload
         self._schedule.set(effective, vec)
+        self._forget_after(effective)
         self._channel.publish(effective, vec)
         self._step = step
         self._publish_horizon()
@@ -331,18 +409,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 self.global_batch_size,
             )
         batch = self._batch_for(num_samples, from_beginning)
-        base = self._state
-        if (
-            self._resume is not None
-            and self._resume.state.batch <= batch
-            and (base.batch < self._resume.state.batch or base.batch > batch)
-        ):
-            base = self._resume.state
-        if base.batch > batch:
-            base = PlanState.initial(self.plan.num_groups)
-        state = self.plan.advance(base, self._schedule, batch)
-        if state.batch >= self._state.batch:
-            self._state = state
+        state = self._plan_state(batch)
         return {
             "version": STATE_VERSION,
             "epoch": batch // self.batches_per_epoch,
@@ -391,13 +458,18 @@ class DynamicStreamingDataset(StreamingDataset):
         }
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
-        """Continue exactly where ``obj`` was saved, on any world size or worker count."""
+        """Continue exactly where ``obj`` was saved, on any world size or worker count.
+
+        The whole state is checked first (:func:`_check_state`): a checkpoint is a file that
+        may be truncated, edited or from elsewhere, and a wrong count or weight would not
+        fail later, it would silently change the sample order.
+        """
         if not isinstance(obj, Mapping) or obj.get("version") != STATE_VERSION:
             raise MixtureStateError(
                 "not a DynamicStreamingDataset state (or from another mixstream version); "
                 "was it saved by plain StreamingDataset?"
             )
-        saved, mine = obj["identity"], self._identity()
+        saved, mine = _check_identity(obj), self._identity()
         problems = []
         for key in ("seed", "global_batch_size", "shuffle", "shuffle_block_size", "epoch_size"):
             if saved[key] != mine[key]:
@@ -418,18 +490,20 @@ class DynamicStreamingDataset(StreamingDataset):
                 + "; ".join(problems)
                 + hint
             )
-        state = PlanState.from_dict(obj["plan"])
-        self._schedule = WeightSchedule.from_list(obj["schedule"])
+        state, schedule, update_lag = _check_state(
+            obj, self.plan.num_groups, self.global_batch_size, self.batches_per_epoch
+        )
+        self._schedule = schedule
         for batch, vec in self._schedule.entries:
             self._channel.publish(batch, vec)
-        if int(obj.get("update_lag", self.update_lag)) > self.update_lag:
+        if update_lag is not None and update_lag > self.update_lag:
             log.warning(
-                "resuming with update_lag %d, smaller than the saved %s",
+                "resuming with update_lag %d, smaller than the saved %d",
                 self.update_lag,
-                obj.get("update_lag"),
+                update_lag,
             )
         self._resume = _Resume(state.batch // self.batches_per_epoch, state)
-        self._state = state
+        self._known = {0: PlanState.initial(self.plan.num_groups)}
         self._step = state.batch
         self._publish_horizon()
 
@@ -446,10 +520,12 @@ class DynamicStreamingDataset(StreamingDataset):
         self._shared_barrier(self._unique_worker_world.workers_per_node)
         if self._unique_worker_world.is_local_leader:
             self.next_epoch = epoch + 1
-        candidates = [PlanState.initial(self.plan.num_groups), self._state]
-        if self._resume is not None:
-            candidates.append(self._resume.state)
-        base = max((s for s in candidates if s.batch <= start), key=lambda s: s.batch)
+        # The trainer's copy of the dataset (ours, pickled or forked) may hold states planned
+        # with weights that updates published since then have replaced.
+        applied = self._channel.sync(self._schedule)
+        if applied:
+            self._forget_after(min(applied))
+        base = self._nearest_known(start)
         return epoch, base if base.batch == start else self._plan_to(base, start)
 
     def _plan_to(self, state: PlanState, batch: int) -> PlanState:
@@ -461,7 +537,16 @@ class DynamicStreamingDataset(StreamingDataset):
     def _wait_final(self, batch: int) -> None:
         """Make sure the weights for ``batch`` are final and in our copy of the schedule."""
         if self.lockstep:
-            self._channel.wait_for(batch)
+            try:
+                self._channel.wait_for(batch, timeout=self.lockstep_timeout)
+            except TimeoutError:
+                raise TimeoutError(
+                    f"lockstep: waited {self.lockstep_timeout:g} s for the training loop to "
+                    f"announce step {batch - self.update_lag + 1} (needed to plan global batch "
+                    f"{batch} with update_lag {self.update_lag}); with lockstep=True call "
+                    "dataset.advance(step) (or set_weights) after every batch, or build the "
+                    "dataset with lockstep=False"
+                ) from None
         late = [b for b in self._channel.sync(self._schedule) if b <= self._planned_through]
         if late:
             raise RuntimeError(
@@ -582,9 +667,303 @@ class DynamicStreamingDataset(StreamingDataset):
                 if states[int(s)] == _REMOTE_SHARD:
                     pool.submit(self.prepare_shard, int(s), False)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Spawned workers get a copy without the finalizer: only the creating process (which
+        # keeps it) releases the shared memory.
+        state = self.__dict__.copy()
+        state.pop("_release", None)
+        return state
+
+    def _created_prefix(self, owned: list[Any]) -> bool:
+        """Whether this process registered the shared-memory prefix (the node's local leader)."""
+        return any(shm.created_shms and shm.shm.name.endswith("_locals") for shm in owned)
+
     def close(self) -> None:
-        """Release this dataset's shared memory (also done at garbage collection)."""
+        """Release what this dataset holds in this process (also done at garbage collection).
+
+        Its weight channel, streaming's shared memory segments and their file descriptors,
+        its S3 clients, and -- where this process registered the node's shared-memory prefix
+        -- streaming's lock files for it. The dataset cannot be iterated afterwards. Call it
+        on every rank once training is done.
+        """
         self._channel.close()
+        for stream in self.streams:
+            stream._downloader.clean_up()
+        if hasattr(self, "_release"):
+            self._release()
+
+
+_STREAMING_FILELOCK = re.compile(r"^(\d{6})_(?:barrier|cache)_filelock$")
+
+
+def reclaim_stale_filelocks(directory: str | None = None) -> list[str]:
+    """Remove streaming lock files of shared-memory prefixes no job holds any more.
+
+    streaming creates ``<prefix>_barrier_filelock``/``_cache_filelock`` in the temp dir and
+    never removes them; a prefix whose lock files exist is skipped by every later job, so
+    killed runs leave hundreds behind and push prefixes ever higher. A prefix is held while
+    any ``/dev/shm/<prefix>_*`` segment exists (they are created before, and removed after,
+    its locks); lock files of a prefix without one are stale. Segments of a killed run keep
+    their locks: reusing a prefix whose segments exist would attach to them. Returns the
+    removed names.
+    """
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return []
+    directory = directory or tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    held = {n.split("_", 1)[0] for n in os.listdir(shm)}
+    for name in names:
+        match = _STREAMING_FILELOCK.match(name)
+        if match and match.group(1) not in held:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(directory, name))
+                removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def _recording_shared_memory(owned: list[Any]) -> Iterator[None]:
+    """Collect every streaming ``SharedMemory`` this thread makes inside the block."""
+    cls = streaming_shared_memory.SharedMemory
+    original = cls.__init__
+    thread = threading.get_ident()
+
+    def init(shm: Any, *args: Any, **kwargs: Any) -> None:
+        original(shm, *args, **kwargs)
+        if threading.get_ident() == thread:
+            owned.append(shm)
+
+    cls.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        cls.__init__ = original  # type: ignore[method-assign]
+
+
+def _release_shared_memory(pid: int, owned: list[Any], locks: list[str]) -> None:
+    """Close (and unlink, where created) the segments; only in the process that made them.
+
+    Forked workers inherit the list; a worker must never unlink its trainer's segments.
+    """
+    if os.getpid() != pid:
+        return
+    for path in locks:  # before the prefix's segment goes: see reclaim_stale_filelocks
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    while owned:
+        shm = owned.pop()
+        atexit.unregister(shm.cleanup)
+        with contextlib.suppress(Exception):
+            shm.cleanup()
+
+
+def _distributed_local_leader() -> bool:
+    """Whether this process is the first of its node (or not distributed at all)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+
+def _whole_batch(value: Any, what: str, error: type[ValueError]) -> int:
+    """``value`` as a global batch index, or ``error``: an integer from 0 to ``MAX_BATCH``.
+
+    Batch indexes travel through the worker channel as float64, exact only below 2**53; a
+    float step (1.7) would silently be truncated.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise error(f"{what} must be an integer global batch index, got {value!r}")
+    if not 0 <= int(value) <= MAX_BATCH:
+        raise error(f"{what} {value} is outside the run: expected 0 to {MAX_BATCH}")
+    return int(value)
+
+
+def _field(obj: Mapping[str, Any], key: str, where: str, kind: type | tuple[type, ...]) -> Any:
+    """``obj[key]`` if present and of ``kind``, else a :class:`MixtureStateError` naming it."""
+    if not isinstance(obj, Mapping):
+        raise MixtureStateError(f"state field {where} must be an object, got {obj!r:.80}")
+    path = f"{where}.{key}" if where else key
+    if key not in obj:
+        raise MixtureStateError(f"state field {path} is missing")
+    value = obj[key]
+    ok = isinstance(value, kind) and not (isinstance(value, bool) and bool not in _kinds(kind))
+    if not ok:
+        names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in _kinds(kind))
+        raise MixtureStateError(
+            f"state field {path} must be {names}, got {type(value).__name__} {value!r:.80}"
+        )
+    return value
+
+
+_KIND_NAMES = {
+    numbers.Integral: "an integer",
+    Mapping: "an object",
+    list: "a list",
+    str: "a string",
+    bool: "true or false",
+}
+
+
+def _kinds(kind: type | tuple[type, ...]) -> tuple[type, ...]:
+    return kind if isinstance(kind, tuple) else (kind,)
+
+
+def _count_of(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise MixtureStateError(
+            f"state field {where} must be a non-negative integer, got {value!r}"
+        )
+    return int(value)
+
+
+def _vector(value: Any, where: str, num_groups: int) -> np.ndarray:
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != num_groups:
+        raise MixtureStateError(f"state field {where} must be a list of {num_groups} numbers")
+    out = []
+    for i, x in enumerate(value):
+        if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
+            raise MixtureStateError(
+                f"state field {where}[{i}] must be a finite non-negative number, got {x!r}"
+            )
+        out.append(float(x))
+    return np.array(out, dtype=np.float64)
+
+
+def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The saved ``identity``, checked for the fields and types it is compared on."""
+    identity = _field(obj, "identity", "", Mapping)
+    for key in ("seed", "global_batch_size", "shuffle_block_size", "epoch_size"):
+        _field(identity, key, "identity", numbers.Integral)
+    _field(identity, "shuffle", "identity", bool)
+    streams = _field(identity, "streams", "identity", list)
+    for i, stream in enumerate(streams):
+        _field(stream, "group", f"identity.streams[{i}]", str)
+        _field(stream, "samples", f"identity.streams[{i}]", numbers.Integral)
+    return identity
+
+
+def _check_state(
+    obj: Mapping[str, Any], num_groups: int, global_batch: int, batches_per_epoch: int
+) -> tuple[PlanState, WeightSchedule, int | None]:
+    """Parse a saved state, checking every field and how they agree with each other.
+
+    Beyond types and ranges: the schedule starts at batch 0 with strictly increasing batches
+    and weights that sum to 1; the counts sum to the samples of ``batch`` global batches; the
+    targets are what the schedule implies (computed in O(schedule), not by replaying it);
+    each count is within a batch of its target (the apportionment keeps them within about 2);
+    epoch and sample_in_epoch name the same batch. Every problem is a MixtureStateError
+    naming the field.
+    """
+    plan = _field(obj, "plan", "", Mapping)
+    batch = _whole_batch(
+        _field(plan, "batch", "plan", numbers.Integral), "state field plan.batch", MixtureStateError
+    )
+    counts_in = _field(plan, "counts", "plan", list)
+    if len(counts_in) != num_groups:
+        raise MixtureStateError(f"state field plan.counts must be a list of {num_groups} counts")
+    counts = [_count_of(c, f"plan.counts[{g}]") for g, c in enumerate(counts_in)]
+    targets = _vector(_field(plan, "targets", "plan", list), "plan.targets", num_groups)
+    if sum(counts) != batch * global_batch:
+        raise MixtureStateError(
+            f"state field plan.counts sums to {sum(counts)}, but {batch} global batches of "
+            f"{global_batch} hold {batch * global_batch} samples"
+        )
+
+    entries = _field(obj, "schedule", "", list)
+    if not entries:
+        raise MixtureStateError("state field schedule is empty; it must start at batch 0")
+    schedule = WeightSchedule()
+    for i, entry in enumerate(entries):
+        where = f"schedule[{i}]"
+        if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
+            raise MixtureStateError(f"state field {where} must be [batch, weights]")
+        start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
+        if i == 0 and start != 0:
+            raise MixtureStateError(f"state field {where} starts at batch {start}, not 0")
+        if i and start <= schedule.entries[-1][0]:
+            raise MixtureStateError(
+                f"state field {where} is at batch {start}, not after {schedule.entries[-1][0]}: "
+                "schedule batches must be strictly increasing"
+            )
+        weights = _vector(entry[1], f"{where}[1]", num_groups)
+        if not math.isclose(weights.sum(), 1.0, rel_tol=1e-6):
+            raise MixtureStateError(
+                f"state field {where}[1] sums to {weights.sum():.6g}; saved weights sum to 1"
+            )
+        schedule.entries.append((start, weights))
+
+    expected = schedule.average(batch) * batch * global_batch
+    tolerance = 1e-6 * max(1.0, batch * global_batch)
+    for g in range(num_groups):
+        if abs(targets[g] - expected[g]) > tolerance:
+            raise MixtureStateError(
+                f"state field plan.targets[{g}] is {targets[g]:.6g}, but the schedule implies "
+                f"{expected[g]:.6g} after {batch} batches"
+            )
+        if abs(counts[g] - targets[g]) > global_batch + 2:
+            raise MixtureStateError(
+                f"state field plan.counts[{g}] is {counts[g]}, more than a batch away from its "
+                f"target {targets[g]:.6g}: the counts do not follow the schedule"
+            )
+
+    epoch = _count_of(_field(obj, "epoch", "", numbers.Integral), "epoch")
+    in_epoch = _count_of(_field(obj, "sample_in_epoch", "", numbers.Integral), "sample_in_epoch")
+    if (epoch, in_epoch) != (batch // batches_per_epoch, batch % batches_per_epoch * global_batch):
+        raise MixtureStateError(
+            f"state fields epoch {epoch} and sample_in_epoch {in_epoch} disagree with plan.batch "
+            f"{batch} ({batches_per_epoch} batches of {global_batch} per epoch)"
+        )
+    lag = obj.get("update_lag")
+    if lag is not None:
+        lag = _count_of(lag, "update_lag")
+    state = PlanState(batch, tuple(float(t) for t in targets), tuple(counts))
+    return state, schedule, lag
+
+
+class _CountedMDSReader(MDSReader):
+    """An MDS shard reader that checks the shard's own sample count on its first read.
+
+    The index alone cannot fix the count of a shard with variable-size columns (text): one
+    claiming fewer samples than the shard holds would silently skip the rest, one claiming
+    more would fail deep inside with "Relative sample index 74 is not present". The count is
+    the shard file's first 4 bytes; reading them once per process costs one small read.
+    """
+
+    index_name = ""  # the index the reader came from, for messages
+    _count_checked = False
+
+    def get_sample_data(self, idx: int) -> bytes:
+        if not self._count_checked:
+            filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
+            with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
+                head = f.read(4)
+            held = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else None
+            if held != self.samples:
+                raise ShardIndexError(
+                    f"{filename} holds {'no sample count' if held is None else held} samples "
+                    f"but {self.index_name or 'its index'} says {self.samples}; the index does "
+                    "not match its shards: re-convert the stream (or run shard-tools verify)"
+                )
+            self._count_checked = True
+        return super().get_sample_data(idx)
+
+
+def _checked_get_shards(stream: Stream) -> Any:
+    """``stream.get_shards`` that checks the index (:mod:`mixstream.shardindex`) before any
+    shard I/O, and gives MDS shards readers that check their sample count on first use."""
+    get_shards = checked_get_shards(stream)
+
+    def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
+        shards = get_shards(world, allow_unsafe_types)
+        for shard in shards:
+            if type(shard) is MDSReader:
+                shard.__class__ = _CountedMDSReader
+                shard.index_name = index_location(stream)
+        return shards
+
+    return wrapped
 
 
 def _distributed() -> bool:

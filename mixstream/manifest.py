@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mixstream import storage
+from mixstream.shardindex import check_path
 
 __all__ = ["MANIFEST_NAME", "SPLITS", "GroupInfo", "Manifest", "ManifestError", "SplitInfo"]
 
@@ -143,6 +144,10 @@ class Manifest:
                 )
                 for name, g in obj["groups"].items()
             }
+            for name, g in groups.items():
+                for split, info in g.splits.items():
+                    # Streams are read from (and cached under) root/path: keep them inside.
+                    check_path(info.path, root, f"{name}/{split} stream path", where, ManifestError)
             return cls(
                 groups=groups,
                 sample=obj["sample"],

@@ -28,6 +28,7 @@ from typing import Any
 __all__ = [
     "StorageError",
     "check_writable",
+    "delete_file",
     "delete_prefix",
     "exists",
     "is_remote",
@@ -124,7 +125,9 @@ def describe_error(exc: BaseException, url: str, action: str) -> StorageError:
         if code in {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403"}:
             hint = "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY and the bucket's permissions"
         elif code in {"NoSuchBucket"}:
-            hint = "create the bucket first or fix the bucket name"
+            hint = "the bucket does not exist; create it or fix its name"
+        elif code in {"NoSuchKey", "404"} and _bucket_missing(url):
+            code, hint = "NoSuchBucket", "the bucket does not exist; create it or fix its name"
         elif code in {"NoSuchKey", "404"}:
             hint = "the object does not exist; check the path"
         else:
@@ -135,6 +138,22 @@ def describe_error(exc: BaseException, url: str, action: str) -> StorageError:
     if isinstance(exc, PermissionError):
         return StorageError(f"cannot {action} {where}: permission denied")
     return StorageError(f"cannot {action} {where}: {type(exc).__name__}")
+
+
+def _bucket_missing(url: str) -> bool:
+    """Whether the bucket of ``url`` is missing (S3 reports a missing bucket as a missing key
+    on some requests, and HEAD requests have no error code at all)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    if not is_remote(url):
+        return False
+    try:
+        s3_client().head_bucket(Bucket=split_s3_url(url)[0])
+    except ClientError as exc:
+        return str(exc.response.get("Error", {}).get("Code")) in {"404", "NoSuchBucket"}
+    except (BotoCoreError, StorageError):
+        return False
+    return False
 
 
 @contextmanager
@@ -205,6 +224,16 @@ def list_files(url: str) -> list[str]:
         if not root.exists():
             return []
         return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def delete_file(url: str) -> None:
+    """Delete one file if it exists."""
+    with _guard(url, "delete"):
+        if is_remote(url):
+            bucket, key = split_s3_url(url)
+            s3_client().delete_object(Bucket=bucket, Key=key)
+            return
+        Path(url).unlink(missing_ok=True)
 
 
 def delete_prefix(url: str) -> None:

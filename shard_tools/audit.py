@@ -18,6 +18,7 @@ import xxhash
 
 from mixstream import storage
 from mixstream.manifest import Manifest
+from mixstream.shardindex import ShardIndexError, check_index
 
 __all__ = ["StreamSummary", "VerifyReport", "format_table", "inspect_mixture", "verify_mixture"]
 
@@ -39,8 +40,10 @@ class StreamSummary:
 
 
 def _load_index(manifest: Manifest, group: str, split: str) -> list[dict[str, Any]]:
-    url = storage.join(manifest.stream_url(group, split), "index.json")
-    return json.loads(storage.read_bytes(url))["shards"]
+    """The shard entries of a stream's index, refused if they name files outside the stream."""
+    stream = manifest.stream_url(group, split)
+    url = storage.join(stream, "index.json")
+    return check_index(json.loads(storage.read_bytes(url)), url, stream)
 
 
 def inspect_mixture(root: str) -> tuple[Manifest, list[StreamSummary]]:
@@ -182,6 +185,9 @@ def verify_mixture(root: str, threads: int = 8) -> VerifyReport:
             url = manifest.stream_url(group, split)
             try:
                 shards = _load_index(manifest, group, split)
+            except ShardIndexError as exc:
+                report.problems.append(str(exc))
+                continue
             except (storage.StorageError, json.JSONDecodeError, KeyError) as exc:
                 report.problems.append(f"{url}/index.json: unreadable ({exc})")
                 continue

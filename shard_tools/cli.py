@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from mixstream.manifest import ManifestError
+from mixstream.shardindex import ShardIndexError
 from mixstream.storage import StorageError
 from shard_tools.audit import format_table, inspect_mixture, verify_mixture
 from shard_tools.convert import DEFAULT_SHARD_SIZE, ConvertError, ConvertOptions, convert
 from shard_tools.sources import DEFAULT_CHUNK_BYTES, InputError, InputSpec
 
-EXPECTED_ERRORS = (InputError, ConvertError, ManifestError, StorageError)
+EXPECTED_ERRORS = (InputError, ConvertError, ManifestError, ShardIndexError, StorageError)
 
 
 def _group_arg(value: str) -> InputSpec:

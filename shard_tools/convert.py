@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from mixstream import storage
-from mixstream.manifest import SPLITS, GroupInfo, Manifest, SplitInfo
+from mixstream.manifest import MANIFEST_NAME, SPLITS, GroupInfo, Manifest, ManifestError, SplitInfo
 from shard_tools.packing import SequencePacker, assign_split
 from shard_tools.sources import (
     DEFAULT_CHUNK_BYTES,
@@ -235,17 +235,75 @@ def _resolve_layout(options: ConvertOptions) -> tuple[_Layout, dict[str, Any] | 
     return _Layout(columns, dtype, tok.eos_id), info
 
 
-def _check_destination(out: str, overwrite: bool) -> None:
+def _check_destination(out: str, overwrite: bool) -> Manifest | None:
+    """Fail before any work if ``out`` cannot take the output; returns what it holds.
+
+    A non-empty output needs ``overwrite``, and then only what a previous conversion wrote
+    there is replaced: the streams its ``mixture.json`` names, and the manifest itself.
+    Anything else stays. Returns that previous manifest (``None`` if there is none).
+    """
     if storage.is_remote(out):
         storage.check_writable(out)
-        if storage.list_files(out) and not overwrite:
-            raise ConvertError(f"{out} is not empty; pass --overwrite to replace its contents")
-        return
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        raise ConvertError(f"{out} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not overwrite:
+        present = bool(storage.list_files(out))
+    else:
+        path = Path(out)
+        if path.exists() and not path.is_dir():
+            raise ConvertError(f"{out} exists and is not a directory")
+        present = path.exists() and any(path.iterdir())
+    if not present:
+        return None
+    if not overwrite:
         raise ConvertError(f"{out} is not empty; pass --overwrite to replace its contents")
+    if not storage.exists(storage.join(out, MANIFEST_NAME)):
+        return None
+    try:
+        return Manifest.load(out)
+    except ManifestError as exc:
+        raise ConvertError(
+            f"{exc}; --overwrite only deletes the streams a previous conversion's manifest "
+            f"names, so it cannot tell what to replace in {out}: fix or remove the manifest"
+        ) from None
+
+
+def _stream_paths(manifest: Manifest | None) -> list[str]:
+    if manifest is None:
+        return []
+    return [info.path for g in manifest.groups.values() for info in g.splits.values()]
+
+
+def _check_inputs_outside(tasks: Sequence[Task], out: str) -> None:
+    """Refuse inputs inside the output: replacing the output could delete them."""
+    if storage.is_remote(out):
+        return
+    root = os.path.realpath(out)
+    for task in tasks:
+        for name in task.files:
+            real = os.path.realpath(name)
+            if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+                raise ConvertError(
+                    f"input {name} is inside the output {out}; writing the output could "
+                    "replace or delete it: move the input out, or choose another output"
+                )
+
+
+def _check_collisions(out: str, new: Sequence[str], old: Sequence[str]) -> None:
+    """Refuse to put a new stream where a file or folder not from a previous conversion is."""
+    for rel in new:
+        if rel in old:
+            continue
+        url = storage.join(out, rel)
+        if storage.is_remote(out):
+            taken = bool(storage.list_files(url))
+        else:
+            parts = Path(rel).parts
+            taken = Path(url).exists() or any(
+                (Path(out).joinpath(*parts[:i])).is_file() for i in range(1, len(parts))
+            )
+        if taken:
+            raise ConvertError(
+                f"{url} already exists and was not written by a previous conversion into {out} "
+                "(its mixture.json does not name it); move it away or choose another output"
+            )
 
 
 def _merge_stream(
@@ -367,7 +425,8 @@ def convert(
     options.validate()
     layout, tokenizer_info = _resolve_layout(options)
     tasks = plan_tasks(inputs, options.read_options(), options.chunk_bytes)
-    _check_destination(out, options.overwrite)
+    _check_inputs_outside(tasks, out)
+    previous = _check_destination(out, options.overwrite)
     workers = options.workers or os.cpu_count() or 1
 
     remote = storage.is_remote(out)
@@ -378,7 +437,7 @@ def convert(
     try:
         results = _run_all(tasks, options, layout, staging, workers, start_method)
         report = _assemble(inputs, results, staging, layout, tokenizer_info, options, out)
-        _publish(os.path.join(staging, "out"), out, report.manifest, options.overwrite)
+        _publish(os.path.join(staging, "out"), out, report.manifest, previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.input_bytes = sum(t.size for t in tasks)
@@ -476,27 +535,59 @@ def _assemble(
     )
 
 
-def _publish(tree: str, out: str, manifest: Manifest, overwrite: bool) -> None:
-    """Make ``tree`` visible at ``out`` with ``mixture.json`` last; roll back on failure."""
+def _publish(tree: str, out: str, manifest: Manifest, previous: Manifest | None) -> None:
+    """Make ``tree`` visible at ``out`` with ``mixture.json`` last; roll back on failure.
+
+    Into an empty output the whole tree goes at once. Otherwise (``--overwrite``) only the
+    previous conversion's manifest and streams are replaced -- the manifest first, so no
+    reader sees one naming streams that are gone -- and every other file stays.
+    """
+    new = _stream_paths(manifest)
+    old = _stream_paths(previous)
+    _check_collisions(out, new, old)
     if storage.is_remote(out):
-        # The prefix was checked empty (or --overwrite given), so a failed upload is
-        # rolled back by clearing it: no index without its shards is left behind.
-        if overwrite:
-            storage.delete_prefix(out)
+        if previous is not None:
+            storage.delete_file(storage.join(out, MANIFEST_NAME))
+            for rel in old:
+                storage.delete_prefix(storage.join(out, rel))
         try:
             storage.upload_tree(tree, out)
             manifest.save(out)
         except BaseException:
+            # No index without its shards is left behind; what was not ours is untouched.
             with contextlib.suppress(storage.StorageError):
-                storage.delete_prefix(out)
+                for rel in new:
+                    storage.delete_prefix(storage.join(out, rel))
             raise
         return
     manifest.save(tree)
     target = Path(out)
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-    os.replace(tree, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if not target.exists() or not any(target.iterdir()):
+        os.replace(tree, target)
+        return
+    trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    moved: list[str] = []
+    installed: list[str] = []
+    try:
+        for rel in [MANIFEST_NAME, *old]:
+            if (target / rel).exists():
+                (trash / rel).parent.mkdir(parents=True, exist_ok=True)
+                os.replace(target / rel, trash / rel)
+                moved.append(rel)
+        for rel in [*new, MANIFEST_NAME]:
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(tree) / rel, target / rel)
+            installed.append(rel)
+    except BaseException:
+        for rel in reversed(installed):
+            shutil.move(target / rel, Path(tree) / rel)
+        for rel in reversed(moved):
+            os.replace(trash / rel, target / rel)
+        shutil.rmtree(trash, ignore_errors=True)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+    for rel in old:  # group folders the old streams leave empty
+        parent = (target / rel).parent
+        while parent != target and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+            parent = parent.parent

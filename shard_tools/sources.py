@@ -111,14 +111,37 @@ def _expand(spec: InputSpec, forced: str | None) -> list[tuple[str, str]]:
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file or directory")
     if os.path.isfile(path):
+        _check_readable(path)
         return [(path, detect_format(path, forced))]
     files = []
-    for dirpath, dirnames, filenames in os.walk(path):
+
+    def unreadable(exc: OSError) -> None:
+        # os.walk skips what it cannot list; a corpus silently missing a folder is worse.
+        raise InputError(f"{exc.filename}: directory is not readable ({_reason(exc)})")
+
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unreadable):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files.extend(os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith("."))
     if not files:
         raise InputError(f"{path}: directory contains no files")
+    for f in files:
+        _check_readable(f)
     return [(f, detect_format(f, forced)) for f in sorted(files)]
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or type(exc).__name__
+
+
+def _check_readable(path: str) -> None:
+    """Open each input once up front: an unreadable one is one line, before any work."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the file ({_reason(exc)})") from None
 
 
 def plan_tasks(

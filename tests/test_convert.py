@@ -403,6 +403,61 @@ def test_non_empty_output_needs_overwrite(tmp_path: Path, scratch: Path) -> None
     assert not staging_leftovers(tmp_path, scratch)
 
 
+def test_inputs_inside_the_output_are_refused(tmp_path: Path, scratch: Path) -> None:
+    """``--overwrite`` used to delete input files that live under the output, silently."""
+    out = tmp_path / "out"
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(100, 51, "a")])
+    convert([InputSpec(str(a), "a")], out, options())
+    inside = write_jsonl(out / "raw" / "b.jsonl", [{"text": d} for d in make_docs(80, 52, "b")])
+    before = tree_bytes(out)
+    for spec in (InputSpec(str(inside), "b"), InputSpec(str(out / "raw"), "b")):
+        for overwrite in (True, False):
+            with pytest.raises(ConvertError) as info:
+                convert([InputSpec(str(a), "a"), spec], out, options(overwrite=overwrite))
+            assert str(info.value).startswith(f"input {inside} is inside the output {out}; ")
+            assert tree_bytes(out) == before
+    # Through a symlink too.
+    (tmp_path / "link").symlink_to(out / "raw", target_is_directory=True)
+    with pytest.raises(ConvertError, match="is inside the output"):
+        convert([InputSpec(str(tmp_path / "link"), "b")], out, options(overwrite=True))
+    assert tree_bytes(out) == before
+    assert not staging_leftovers(tmp_path, scratch)
+
+
+def test_overwrite_replaces_only_what_the_previous_conversion_wrote(
+    tmp_path: Path, scratch: Path
+) -> None:
+    a = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in make_docs(150, 53, "a")])
+    b = write_jsonl(tmp_path / "b.jsonl", [{"text": d} for d in make_docs(150, 54, "b")])
+    out = tmp_path / "out"
+    convert([InputSpec(str(a), "a"), InputSpec(str(b), "b")], out, options())
+    foreign = {"notes.txt": b"keep me", "a/README": b"mine", "data/x.bin": b"\0\1"}
+    for rel, data in foreign.items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_bytes(data)
+
+    convert([InputSpec(str(b), "a")], out, options(overwrite=True))
+    assert sorted(Manifest.load(str(out)).groups) == ["a"]
+    assert not (out / "b").exists()  # the previous conversion's stream folders are gone
+    for rel, data in foreign.items():
+        assert (out / rel).read_bytes() == data
+    assert verify_mixture(str(out)).ok
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.old-")]
+
+    # Without a previous manifest, nothing in the output is known to be ours: a new stream
+    # where something else already is is refused, and nothing is touched.
+    (out / "mixture.json").unlink()
+    before = tree_bytes(out)
+    with pytest.raises(ConvertError) as info:
+        convert([InputSpec(str(a), "a")], out, options(overwrite=True))
+    assert str(info.value).startswith(f"{out / 'a' / 'train'} already exists and was not")
+    assert tree_bytes(out) == before
+    convert([InputSpec(str(a), "c")], out, options(overwrite=True))  # free paths are fine
+    assert sorted(Manifest.load(str(out)).groups) == ["c"]
+    assert (out / "a" / "train").is_dir() and (out / "notes.txt").read_bytes() == b"keep me"
+    assert not staging_leftovers(tmp_path, scratch)
+
+
 def test_output_that_is_a_file_is_refused(tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
     (tmp_path / "out").write_text("not a directory")
@@ -977,6 +1032,20 @@ def test_non_empty_s3_prefix_needs_overwrite(
     after = storage.list_files(s3_prefix)
     assert after and not any(name.startswith("b/") for name in after)
     assert sorted(Manifest.load(s3_prefix).groups) == ["a"]
+    assert verify_mixture(s3_prefix).ok
+
+
+def test_overwrite_on_s3_keeps_objects_it_did_not_write(
+    s3_env: S3Server, s3_prefix: str, two_group_inputs: list[InputSpec]
+) -> None:
+    convert(two_group_inputs, s3_prefix, options())
+    storage.write_bytes(f"{s3_prefix}/notes.txt", b"keep me")
+    storage.write_bytes(f"{s3_prefix}/b/README", b"mine")
+    convert(two_group_inputs[:1], s3_prefix, options(overwrite=True))
+    names = storage.list_files(s3_prefix)
+    assert "notes.txt" in names and "b/README" in names
+    assert not [n for n in names if n.startswith("b/") and n != "b/README"]
+    assert storage.read_bytes(f"{s3_prefix}/notes.txt") == b"keep me"
     assert verify_mixture(s3_prefix).ok
 
 

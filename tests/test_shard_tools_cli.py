@@ -213,7 +213,7 @@ def test_non_empty_output_and_overwrite(
     assert "is not empty; pass --overwrite" in _error_line(capsys, "convert")
     assert (out / "notes.txt").read_text() == "keep me"
     assert main([*argv, "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists()
+    assert (out / "notes.txt").read_text() == "keep me"  # not written by a conversion
     assert (out / "mixture.json").is_file()
 
 
