@@ -947,12 +947,22 @@ def test_verify_detects_index_and_manifest_disagreeing(
     converted: tuple[Path, ConvertReport],
 ) -> None:
     root, _ = converted
+    manifest = root / "mixture.json"
+    original = manifest.read_text()
+    data = json.loads(original)
+    data["groups"]["a"]["splits"]["val"]["samples"] += 1
+    manifest.write_text(json.dumps(data))
+    try:
+        problems = verify_mixture(str(root)).problems
+        assert any("mixture.json says" in p for p in problems), problems
+    finally:
+        manifest.write_text(original)
+    # An index whose count no longer matches its shard is refused before any comparison.
     path = root / "a" / "val" / "index.json"
     index = json.loads(path.read_text())
     index["shards"][0]["samples"] += 1
     path.write_text(json.dumps(index))
     problems = verify_mixture(str(root)).problems
-    assert any("mixture.json says" in p for p in problems), problems
     assert any("holds" in p and "index says" in p for p in problems), problems
 
 
