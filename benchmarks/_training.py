@@ -129,6 +129,18 @@ def run_all(runs: Sequence[Run], jobs: int, say: Callable[[str], None] = print) 
                 say(f"{len(done)}/{len(runs)} {run.name}" + ("" if trained else " (kept)"))
 
 
+def partial_note(runs: Sequence[Run]) -> list[str]:
+    """Report lines saying how many planned runs are missing (none when all finished)."""
+    done = sum(r.results_file.exists() for r in runs)
+    if done == len(runs):
+        return []
+    return [
+        f"**Partial: {done} of the {len(runs)} planned runs have finished** (the same command "
+        "continues the rest); cells count the seeds they hold.",
+        "",
+    ]
+
+
 # --------------------------------------------------------------------------- corpus
 @contextlib.contextmanager
 def corpus(

@@ -42,6 +42,7 @@ from benchmarks._training import (
     base_overrides,
     corpus,
     paired,
+    partial_note,
     run_all,
 )
 
@@ -229,17 +230,8 @@ def val_size_table(runs: Sequence[Run], sizes: Sequence[int]) -> list[str]:
 
 
 def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
-    done = sum(r.results_file.exists() for r in runs)
     lines = [
-        *(
-            [
-                f"**Partial: {done} of the {len(runs)} planned runs have finished** (the same "
-                "command continues the rest); cells count the seeds they hold.",
-                "",
-            ]
-            if done < len(runs)
-            else []
-        ),
+        *partial_note(runs),
         f"Setting: all groups of the corpus; {args.seeds} paired seeds; base {args.steps} "
         "batches (recipes `recipes/cpu-*.yaml`). Cell: Aioli - Stratified twin in average "
         "test loss (nats/token), 95% t-interval over seeds, wins/seeds; `(noise)`: the "

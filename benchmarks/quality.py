@@ -51,6 +51,7 @@ from benchmarks._training import (
     base_overrides,
     corpus,
     paired,
+    partial_note,
     relative_sd,
     run_all,
     unigram_entropy,
@@ -238,17 +239,8 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
         })  # fmt: skip
     settings = list(args.settings)
     methods = list(dict.fromkeys(r["method"] for r in records if "@" not in r["method"]))
-    done = sum(r.results_file.exists() for r in runs)
     lines = [
-        *(
-            [
-                f"**Partial: {done} of the {len(runs)} planned runs have finished** (the same "
-                "command continues the rest); cells count the seeds they hold.",
-                "",
-            ]
-            if done < len(runs)
-            else []
-        ),
+        *partial_note(runs),
         f"{args.seeds} paired seeds (seed = model init and data seed, shared by every method) x "
         f"{args.steps} batches per run; recipes `recipes/{'gpu-125m' if args.gpu else 'cpu'}-"
         f"*.yaml`{' with ' + ' '.join(args.override) if args.override else ''}. "
