@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -55,6 +56,15 @@ class Run:
 
     def results(self) -> dict[str, Any]:
         return json.loads(self.results_file.read_text())
+
+    def weights(self) -> dict[str, Any]:
+        """The run's ``weights.json`` (its method's mixture, settings and summary)."""
+        return json.loads((self.run_dir / "weights.json").read_text())
+
+    @property
+    def sweep_share(self) -> float:
+        """Share of the run's batches in Aioli's LearnParams sweeps (0 for other methods)."""
+        return float(self.weights().get("aioli", {}).get("sweep_share", 0.0))
 
     def history(self, kind: str) -> list[dict[str, Any]]:
         """Rows of ``kind`` in the run's ``mixture_history.jsonl``."""
@@ -127,6 +137,18 @@ def run_all(runs: Sequence[Run], jobs: int, say: Callable[[str], None] = print) 
                 trained = future.result()
                 done[run.name] = run
                 say(f"{len(done)}/{len(runs)} {run.name}" + ("" if trained else " (kept)"))
+
+
+def add_report_only(parser: argparse.ArgumentParser) -> None:
+    """``--report-only``: train nothing, report what ``--workdir`` holds (checked by
+    :func:`check_report_only`)."""
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: report the runs --workdir already holds")  # fmt: skip
+
+
+def check_report_only(args: argparse.Namespace) -> None:
+    if args.report_only and args.workdir is None:
+        raise SystemExit("--report-only needs the --workdir of an earlier invocation")
 
 
 def partial_note(runs: Sequence[Run]) -> list[str]:

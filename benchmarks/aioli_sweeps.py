@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -38,8 +37,10 @@ from benchmarks._common import publish
 from benchmarks._training import (
     RECIPES,
     Run,
+    add_report_only,
     avg_test_loss,
     base_overrides,
+    check_report_only,
     corpus,
     paired,
     partial_note,
@@ -93,13 +94,14 @@ def sweep_estimates(run: Run) -> list[np.ndarray]:
     step ranks groups by) estimated from each of the ``lp_rounds`` repetitions alone."""
     from mixstream.algorithms.aioli import AioliConfig, LearnParamsPlan, estimate_A
 
-    info = json.loads((run.run_dir / "weights.json").read_text())["aioli"]["config"]
+    weights = run.weights()
+    info = weights["aioli"]["config"]
     config = AioliConfig(
         **{**info, "prior": None if info["prior"] is None else tuple(info["prior"])}
     )
     m, k = config.num_groups, config.lp_rounds
     seed = int(run.name.rsplit("/s", 1)[1])
-    groups = json.loads((run.run_dir / "weights.json").read_text())["groups"]
+    groups = weights["groups"]
     evals = {r["step"]: [r["losses"][g] for g in groups] for r in run.history("val_loss")}
     out = []
     for round_index in range(10_000):
@@ -151,7 +153,7 @@ def planted_line(runs: Sequence[Run], steps: int) -> str:
     """The planted-law simulator at the signal and noise measured in the paper-setting runs."""
     scores, ses, info = [], [], None
     for run in _runs_by(runs, "aioli").values():
-        info = json.loads((run.run_dir / "weights.json").read_text())["aioli"]["config"]
+        info = run.weights()["aioli"]["config"]
         for per_rep in sweep_estimates(run):
             scores.append(per_rep.mean(axis=0))
             ses.append(float((per_rep.std(axis=0, ddof=1) / np.sqrt(per_rep.shape[0])).mean()))
@@ -250,7 +252,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
                    {k: avg_test_loss(r.results()) for k, r in strat.items()})  # fmt: skip
         if d is None:
             continue
-        share = statistics.fmean(_share(r) for r in aioli.values())
+        share = statistics.fmean(r.sweep_share for r in aioli.values())
         lines.append(f"| {label} | {d.cell(4)} | {100 * share:.0f}% |")
         rows.append({"variant": label, "deltas": list(d.deltas), "mean": d.mean,
                      "half_width": d.half_width, "sweep_share": share})  # fmt: skip
@@ -264,10 +266,6 @@ def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
         lines += ["**Validation sample size** (seed 0, round 0: identical training up to the "
                   "first update):", "", *val, ""]  # fmt: skip
     return "\n".join(lines), {"variants": rows}
-
-
-def _share(run: Run) -> float:
-    return float(json.loads((run.run_dir / "weights.json").read_text())["aioli"]["sweep_share"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -284,11 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--no-write", dest="write", action="store_false")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the runs --workdir already holds")  # fmt: skip
+    add_report_only(parser)
     args = parser.parse_args(argv)
-    if args.report_only and args.workdir is None:
-        raise SystemExit("--report-only needs the --workdir of an earlier invocation")
+    check_report_only(args)
     args.val_sizes = [int(x) for x in args.val_sizes.split(",") if x.strip()]
     out = args.workdir or Path(tempfile.mkdtemp(prefix="mixstream-sweeps-"))
     with corpus(args.manifest, out, vocab_size=args.vocab_size, seq_len=args.seq_len,

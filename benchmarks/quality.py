@@ -34,7 +34,6 @@ Interrupted, it continues from the runs it finished (same ``--workdir``). ::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -46,9 +45,11 @@ from benchmarks._common import publish
 from benchmarks._training import (
     RECIPES,
     Run,
+    add_report_only,
     avg_test_loss,
     avg_test_ppl,
     base_overrides,
+    check_report_only,
     corpus,
     paired,
     partial_note,
@@ -215,12 +216,6 @@ def _table(runs: Sequence[Run]) -> dict[tuple[str, str], dict[int, dict[str, Any
     return table
 
 
-def _sweep_share(run: Run) -> float:
-    """Share of the run's batches in LearnParams sweeps (0 for methods without sweeps)."""
-    weights = json.loads((run.run_dir / "weights.json").read_text())
-    return float(weights.get("aioli", {}).get("sweep_share", 0.0))
-
-
 def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, float]
            ) -> tuple[str, dict[str, Any]]:  # fmt: skip
     table = _table(runs)
@@ -234,7 +229,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
             "setting": setting, "method": method, "seed": int(seed[1:]),
             "avg_test_loss": avg_test_loss(res), "avg_test_ppl": avg_test_ppl(res),
             "group_test_loss": {g: v["loss"] for g, v in res["test"]["groups"].items()},
-            "steps": res["steps"], "sweep_share": _sweep_share(run),
+            "steps": res["steps"], "sweep_share": run.sweep_share,
             "weights_average": res["weights"].get("average"),
         })  # fmt: skip
     settings = list(args.settings)
@@ -353,11 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 60 batches, 2 settings")
     parser.add_argument("--no-write", dest="write", action="store_false")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: report the runs --workdir already holds")  # fmt: skip
+    add_report_only(parser)
     args = parser.parse_args(argv)
-    if args.report_only and args.workdir is None:
-        raise SystemExit("--report-only needs the --workdir of an earlier invocation")
+    check_report_only(args)
     if args.quick:
         args.seeds, args.steps, args.length_seeds = 2, args.steps or 60, 1
         args.lengths = "1,2"
