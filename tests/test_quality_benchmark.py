@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks._training import Paired, paired, relative_sd, t975
+from mixstream.train.stats import Paired, paired, relative_sd, t975
 from benchmarks.quality import aioli_overrides, parse_settings
 from mixstream.algorithms.aioli import AioliConfig
 from mixstream.composer.signals import GroupSamples, sample_indices

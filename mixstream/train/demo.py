@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from mixstream.testing.s3server import S3Server
+from mixstream.train.stats import avg_test_loss, paired, relative_sd
 from shard_tools.demo_mixture import build_demo_mixture
 
 DEFAULT_WORKDIR = Path("demo-out")
@@ -29,8 +31,6 @@ RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 RUNS = (("stratified", "cpu-stratified.yaml"), ("aioli", "cpu-aioli.yaml"))
 #: where ``benchmarks/quality.py`` records every run it made (the seed spread of a recipe)
 QUALITY_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "quality.json"
-#: two-sided 95% quantiles of Student's t for 1..9 degrees of freedom
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262)
 
 
 def _say(message: str) -> None:
@@ -129,11 +129,6 @@ def compare(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _avg_loss(run: dict[str, Any]) -> float:
-    losses = [g["loss"] for g in run["test"]["groups"].values()]
-    return sum(losses) / len(losses)
-
-
 def noise_band(results: dict[str, dict[str, Any]], recorded: Path) -> str:
     """The demo's difference next to the seed spread the quality benchmark measured for it.
 
@@ -143,7 +138,7 @@ def noise_band(results: dict[str, dict[str, Any]], recorded: Path) -> str:
     """
     labels = list(results)
     anchor, other = labels[0], labels[1]
-    diff = _avg_loss(results[other]) - _avg_loss(results[anchor])
+    diff = avg_test_loss(results[other]) - avg_test_loss(results[anchor])
     groups = "+".join(results[anchor]["test"]["groups"])
     steps = results[anchor]["steps"]
     lines = [
@@ -167,20 +162,17 @@ def noise_band(results: dict[str, dict[str, Any]], recorded: Path) -> str:
             "shows that the pipeline works, not which method is better"
         )
         return "\n".join(lines)
-    deltas = [by_seed[other][s] - by_seed[anchor][s] for s in seeds]
-    n = len(deltas)
-    mean = sum(deltas) / n
-    sd = (sum((d - mean) ** 2 for d in deltas) / (n - 1)) ** 0.5
-    half = (_T975[n - 2] if n - 2 < len(_T975) else 1.96) * sd / n**0.5
+    d = paired(by_seed[other], by_seed[anchor])
+    assert d is not None  # at least 3 shared seeds
+    n, mean, sd, (lo, hi) = d.n, d.mean, d.sd, d.interval
     base = [by_seed[anchor][s] for s in seeds]
-    base_mean = sum(base) / n
-    base_sd = (sum((b - base_mean) ** 2 for b in base) / (n - 1)) ** 0.5
+    base_sd = statistics.stdev(base)
     within = abs(diff) <= 2 * sd
     lines += [
         f"seed noise of this comparison ({n} paired seeds, {recorded.name}): the same "
         f"difference has sd {sd:.4f} from seed to seed (mean {mean:+.4f}, 95% interval "
-        f"[{mean - half:+.4f}, {mean + half:+.4f}]); {anchor} alone moves by sd "
-        f"{base_sd:.4f} ({100 * base_sd / base_mean:.2f}%)",
+        f"[{lo:+.4f}, {hi:+.4f}]); {anchor} alone moves by sd "
+        f"{base_sd:.4f} ({100 * relative_sd(base):.2f}%)",
         (
             f"=> within noise: |{diff:+.4f}| <= 2 x {sd:.4f}; one seed cannot tell the methods "
             "apart. The benchmark's interval is the result to quote."
