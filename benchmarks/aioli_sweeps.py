@@ -29,6 +29,7 @@ import statistics
 import sys
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,15 +48,39 @@ from benchmarks._training import (
     run_all,
 )
 
-#: label -> (run tag, Aioli overrides, overrides of Aioli and its Stratified twin, steps factor)
-VARIANTS: dict[str, tuple[str, list[str], list[str], float]] = {
-    "paper settings": ("", [], [], 1.0),
-    "lr 3e-3 (both)": ("~lr3e-3", [], ["optimizer.lr=3.0e-3"], 1.0),
-    "batch 32, same tokens (both)": ("~b32", [], ["data.global_batch_size=32"], 0.5),
-    "lp_steps 1": ("~lp1", ["algorithm.lp_steps=1"], [], 1.0),
-    "lp_steps 2 (sweeps 3x shorter)": ("~lp2", ["algorithm.lp_steps=2"], [], 1.0),
-    "one_hot_factor 0.35 (toward 1/m)": ("~f035", ["algorithm.one_hot_factor=0.35"], [], 1.0),
-    "stratified warm-up (prior_steps 250)": ("~warm250", ["algorithm.prior_steps=250"], [], 1.0),
+
+@dataclass(frozen=True)
+class Variant:
+    """One ablation row: what changes for Aioli, what changes for both, and the twin."""
+
+    tag: str  #: suffix of the Aioli run's name
+    aioli: tuple[str, ...] = ()  #: overrides of the Aioli run only
+    both: tuple[str, ...] = ()  #: overrides of Aioli and its Stratified twin
+    factor: float = 1.0  #: run length, times ``--steps``
+    seeds: int | None = None  #: at least this many seeds (a row whose spread is large)
+    twin: str | None = None  #: the Stratified twin's suffix (default: ``tag`` if ``both``)
+
+    @property
+    def twin_tag(self) -> str:
+        return self.twin if self.twin is not None else (self.tag if self.both else "")
+
+
+_LR3 = ("optimizer.lr=3.0e-3",)
+VARIANTS: dict[str, Variant] = {
+    "paper settings": Variant(""),
+    "lr 3e-3 (both)": Variant("~lr3e-3", both=_LR3, seeds=4),
+    "lr 3e-3 (both) + stratified warm-up (prior_steps 250)": Variant(
+        "~lr3e-3~warm250", aioli=("algorithm.prior_steps=250",), both=_LR3, seeds=4, twin="~lr3e-3"
+    ),
+    "batch 32, same tokens (both)": Variant(
+        "~b32", both=("data.global_batch_size=32",), factor=0.5
+    ),
+    "lp_steps 1": Variant("~lp1", aioli=("algorithm.lp_steps=1",)),
+    "lp_steps 2 (sweeps 3x shorter)": Variant("~lp2", aioli=("algorithm.lp_steps=2",)),
+    "one_hot_factor 0.35 (toward 1/m)": Variant("~f035", aioli=("algorithm.one_hot_factor=0.35",)),
+    "stratified warm-up (prior_steps 250)": Variant(
+        "~warm250", aioli=("algorithm.prior_steps=250",)
+    ),
 }
 
 
@@ -74,11 +99,11 @@ def plan(args: argparse.Namespace, manifest: str, out: Path, groups: Sequence[st
             runs.append(run)
         return run
 
-    for tag, aioli, both, factor in VARIANTS.values():  # variant by variant: the likely
-        for seed in range(args.seeds):  # causes first, so a cut-short run has whole rows
-            steps = round(args.steps * factor)
-            add("stratified" + (tag if both else ""), "stratified", seed, steps, both)
-            add("aioli" + tag, "aioli", seed, steps, [*aioli, *both])
+    for v in VARIANTS.values():  # variant by variant: the likely causes first, so a
+        for seed in range(max(args.seeds, v.seeds or 0)):  # cut-short run has whole rows
+            steps = round(args.steps * v.factor)
+            add("stratified" + v.twin_tag, "stratified", seed, steps, v.both)
+            add("aioli" + v.tag, "aioli", seed, steps, [*v.aioli, *v.both])
     for n in args.val_sizes:  # round 0 only: LearnParams ends at batch 96 with 4 groups
         add(f"aioli-val{n}", "aioli", 0, args.val_steps, [f"data.val_samples_per_group={n}"])
     return runs
@@ -234,7 +259,8 @@ def val_size_table(runs: Sequence[Run], sizes: Sequence[int]) -> list[str]:
 def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
     lines = [
         *partial_note(runs),
-        f"Setting: all groups of the corpus; {args.seeds} paired seeds; base {args.steps} "
+        f"Setting: all groups of the corpus; {args.seeds} paired seeds (more where a row says so: "
+        "the count is in each cell); base {args.steps} "
         "batches (recipes `recipes/cpu-*.yaml`). Cell: Aioli - Stratified twin in average "
         "test loss (nats/token), 95% t-interval over seeds, wins/seeds; `(noise)`: the "
         "interval holds 0. Sweep share: batches in LearnParams / all batches.",
@@ -243,11 +269,8 @@ def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
         "|---|---|---:|",
     ]
     rows = []
-    for label, (tag, _, both, _) in VARIANTS.items():
-        aioli, strat = (
-            _runs_by(runs, "aioli" + tag),
-            _runs_by(runs, "stratified" + (tag if both else "")),
-        )
+    for label, v in VARIANTS.items():
+        aioli, strat = _runs_by(runs, "aioli" + v.tag), _runs_by(runs, "stratified" + v.twin_tag)
         d = paired({k: avg_test_loss(r.results()) for k, r in aioli.items()},
                    {k: avg_test_loss(r.results()) for k, r in strat.items()})  # fmt: skip
         if d is None:
