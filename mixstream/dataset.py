@@ -38,6 +38,7 @@ from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
+from torch.utils.data import get_worker_info
 
 from mixstream import sharedmem, storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
@@ -536,6 +537,10 @@ class DynamicStreamingDataset(StreamingDataset):
             # corrupt shards). Drop them so each worker opens its own connections.
             for stream in self.streams:
                 stream._downloader.clean_up()
+        if get_worker_info() is not None:
+            # A worker of a killed trainer would otherwise run on for seconds (torch checks
+            # its parent every 5 s, between batches), holding shared memory and CPU.
+            sharedmem.enter_worker(self._shm_prefix_int)
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
         worker = self._parallel_worker_world

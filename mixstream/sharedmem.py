@@ -23,6 +23,10 @@ three ways, handled here:
   with ``atexit``, so none is freed before the process ends: fds and ``/dev/shm`` entries
   pile up per dataset. A dataset's are freed at ``close()`` or garbage collection.
 
+And :func:`exit_with_parent`: a dataloader worker whose parent was killed exits within a
+fraction of a second instead of running on. torch's own check runs only between batches
+and polls every 5 s.
+
 streaming (and torch under it) is imported lazily, where it is used.
 """
 
@@ -34,6 +38,7 @@ import itertools
 import logging
 import os
 import re
+import signal
 import tempfile
 import threading
 import time
@@ -51,6 +56,8 @@ __all__ = [
     "Holdings",
     "PrefixOwner",
     "agreeing_prefix",
+    "enter_worker",
+    "exit_with_parent",
     "node_lock",
     "reclaim_dead_prefixes",
     "reclaim_stale_filelocks",
@@ -65,6 +72,7 @@ _OWNER = re.compile(r"^mixstream\.prefix\.(\d+)\.owner$")
 _STREAMING_FILELOCK = re.compile(r"^(\d{6})_(?:barrier|cache)_filelock$")
 _CREATE_ATTEMPTS = 8  # prefixes taken by jobs that do not take the node lock, in a row
 NODE_LOCK_TIMEOUT = 300.0
+WATCH_INTERVAL = 0.2
 
 
 def _ownership() -> bool:
@@ -524,3 +532,41 @@ class Holdings:
             # left (and the owner file).
             with contextlib.suppress(OSError, TimeoutError), node_lock(timeout=10):
                 _reclaim_if_dead(owner.prefix)
+
+
+# ---------------------------------------------------------------------------- workers
+_guarded_pid: int | None = None
+_worker_holds: dict[tuple[int, int], PrefixOwner | None] = {}
+
+
+def exit_with_parent(interval: float = WATCH_INTERVAL) -> None:
+    """Kill this process (SIGKILL) within ``interval`` s of its parent's death.
+
+    A thread polls ``os.getppid()``, which changes when the parent dies and the process is
+    re-parented. Not ``PR_SET_PDEATHSIG``: that fires when the parent *thread* that started
+    this process exits, so a DataLoader iterator made in a short-lived thread would kill
+    healthy workers. Idempotent per process; a no-op where there is no re-parenting
+    (Windows).
+    """
+    global _guarded_pid
+    if os.name != "posix" or _guarded_pid == os.getpid():
+        return
+    _guarded_pid = os.getpid()
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="mixstream-exit-with-parent", daemon=True).start()
+
+
+def enter_worker(prefix: int) -> None:
+    """In a dataloader worker: die with the parent, and hold the prefix for as long as this
+    worker lives (a spawned worker inherits no hold; a forked one already has one)."""
+    exit_with_parent()
+    key = (os.getpid(), prefix)
+    if key not in _worker_holds:
+        _worker_holds[key] = PrefixOwner.take(prefix, create=False)

@@ -1,8 +1,9 @@
 """Killed jobs and jobs sharing a node, with real processes and real signals.
 
-The shared memory of a job killed outright (its whole process group) is reclaimed by the
-next job on the node, never a live job's; and a 2-rank job agrees on its shared-memory
-prefix while another job on the node starts and stops datasets.
+A killed trainer's dataloader workers exit at once; the shared memory of a job killed
+outright (its whole process group) is reclaimed by the next job on the node, never a live
+job's; and a 2-rank job agrees on its shared-memory prefix while another job on the node
+starts and stops datasets.
 """
 
 from __future__ import annotations
@@ -105,6 +106,22 @@ def _start_trainer(manifest: str, **popen: object) -> tuple[subprocess.Popen[str
     prefix, *workers = (int(x) for x in line.split())
     assert len(workers) == 2 and not set(workers) - set(_children(trainer.pid))
     return trainer, prefix, workers
+
+
+def test_dataloader_workers_exit_when_the_trainer_is_killed(local_mixture: str) -> None:
+    """They ran on for ~5 s (torch checks its parent between batches, every 5 s), holding
+    the job's shared memory; now they exit at once, and with them gone the trainer's
+    resource tracker unlinks its segments."""
+    trainer, prefix, workers = _start_trainer(local_mixture)
+    segments = _segments(prefix)
+    assert any(name.endswith("_locals") for name in segments)
+    trainer.kill()
+    trainer.wait()
+    assert _wait_gone(workers, 2.0) == [], "workers still running 2 s after the trainer died"
+    deadline = time.monotonic() + 5
+    while _surviving(segments, prefix) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _surviving(segments, prefix)
 
 
 def test_shared_memory_of_a_job_killed_outright_is_reclaimed_by_the_next(
