@@ -23,11 +23,12 @@ three ways, handled here:
   with ``atexit``, so none is freed before the process ends: fds and ``/dev/shm`` entries
   pile up per dataset. A dataset's are freed at ``close()`` or garbage collection.
 
-And :func:`exit_with_parent`: a dataloader worker whose parent was killed exits within a
-fraction of a second instead of running on. torch's own check runs only between batches
-and polls every 5 s.
+And :func:`exit_with_parent`: a dataloader (or ``shard-tools convert``) worker whose parent
+was killed exits within a fraction of a second instead of running on. torch's own check
+runs only between batches and polls every 5 s.
 
-streaming (and torch under it) is imported lazily, where it is used.
+streaming (and torch under it) is imported lazily: ``shard-tools`` uses the process guard
+without them.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ __all__ = [
     "enter_worker",
     "exit_with_parent",
     "node_lock",
+    "process_alive",
+    "process_start_time",
     "reclaim_dead_prefixes",
     "reclaim_stale_filelocks",
     "recording",
@@ -532,6 +535,27 @@ class Holdings:
             # left (and the owner file).
             with contextlib.suppress(OSError, TimeoutError), node_lock(timeout=10):
                 _reclaim_if_dead(owner.prefix)
+
+
+# ---------------------------------------------------------------------------- processes
+def process_start_time(pid: int) -> int:
+    """Process start time in clock ticks since boot (guards against pid reuse); 0 if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def process_alive(pid: int, start: int = 0) -> bool:
+    """Whether process ``pid`` (started at ``start``, if known) still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return start == 0 or process_start_time(pid) in (0, start)
 
 
 # ---------------------------------------------------------------------------- workers

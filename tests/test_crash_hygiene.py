@@ -2,8 +2,9 @@
 
 A killed trainer's dataloader workers exit at once; the shared memory of a job killed
 outright (its whole process group) is reclaimed by the next job on the node, never a live
-job's; and a 2-rank job agrees on its shared-memory prefix while another job on the node
-starts and stops datasets.
+job's; a killed ``shard-tools convert`` leaves staging that the next conversion of the same
+output removes, never a live conversion's; and a 2-rank job agrees on its shared-memory
+prefix while another job on the node starts and stops datasets.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
+from helpers import make_docs, write_jsonl
 from mixture_harness import churn_datasets, construct_repeatedly, convert_corpus, write_corpus
 
 from mixstream import DynamicStreamingDataset
@@ -34,6 +36,7 @@ next(batches)
 print(ds._shm_prefix_int, *(w.pid for w in batches._workers), flush=True)
 time.sleep(600)
 """
+SHARD_TOOLS = "import sys; from shard_tools.cli import main; sys.exit(main())"
 CHURN_CONSTRUCTIONS = 20  # per rank; the old code failed within 10 in every trial
 
 
@@ -162,6 +165,56 @@ def test_a_live_prefix_is_never_reclaimed(local_mixture: str) -> None:
     ds.close()
     assert not _surviving(segments, prefix)
     assert not owner.exists() or owner.stat().st_ino != inode
+
+
+def _convert_args(tmp_path: Path, docs: int) -> list[str]:
+    inputs = []
+    for group, seed in (("a", 1), ("b", 2)):
+        path = tmp_path / "corpus" / f"{group}.jsonl"
+        if not path.exists():
+            write_jsonl(path, [{"text": d} for d in make_docs(docs, seed, group)])
+        inputs += ["-g", f"{group}={path}"]
+    flags = ["--tokenizer", "byte", "--seq-len", "64", "--shard-size", "64kb"]
+    flags += ["--chunk-size", "8kb", "--workers", "2", "--no-progress"]
+    return ["convert", str(tmp_path / "out"), *inputs, *flags]
+
+
+def test_a_killed_convert_leaves_staging_that_the_next_convert_removes(tmp_path: Path) -> None:
+    """A SIGKILLed conversion left its ``.shard-tools-*`` staging folder, and its workers ran
+    on; now the workers die with it, and the next conversion of the output removes it."""
+    from shard_tools.cli import main
+
+    args = _convert_args(tmp_path, docs=3000)
+    convert = subprocess.Popen([sys.executable, "-c", SHARD_TOOLS, *args], text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".shard-tools-*/task-*")):  # workers are writing
+        assert convert.poll() is None, "the conversion ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    workers = _children(convert.pid)
+    convert.kill()
+    convert.wait()
+    assert _wait_gone(workers, 2.0) == [], "convert workers still running 2 s after it died"
+    assert list(tmp_path.glob(".shard-tools-*")), "the kill came too late to test anything"
+    assert main(args) == 0
+    assert not list(tmp_path.glob(".shard-tools-*"))
+    assert (tmp_path / "out" / "mixture.json").is_file()
+
+
+def test_a_live_conversions_staging_is_never_removed(tmp_path: Path) -> None:
+    from shard_tools.cli import main
+    from shard_tools.convert import _open_staging
+
+    args = _convert_args(tmp_path, docs=200)
+    staging, hold = _open_staging(str((tmp_path / "out").resolve()), str(tmp_path))
+    assert hold is not None
+    try:
+        assert main(args) == 0
+        assert Path(staging).is_dir()  # held by this (live) process
+    finally:
+        os.close(hold)
+    assert main([*args, "--overwrite"]) == 0
+    assert not list(tmp_path.glob(".shard-tools-*"))
 
 
 def test_a_two_rank_job_agrees_on_its_prefix_while_another_job_churns(
