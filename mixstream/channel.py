@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mixstream.sharedmem import process_alive, process_start_time
 from mixstream.weights import WeightSchedule
 
 __all__ = ["UNBOUNDED", "ScheduleChannel", "reclaim_stale_segments"]
@@ -39,25 +40,6 @@ _HEADER = 8  # int64 slots: magic, groups, capacity, horizon, records, pid, star
 _SHM_DIR = Path("/dev/shm")
 
 
-def _start_time(pid: int) -> int:
-    """Process start time in clock ticks since boot (guards against pid reuse); 0 if unknown."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[19])
-
-
-def _alive(pid: int, start: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return start == 0 or _start_time(pid) in (0, start)
-
-
 def reclaim_stale_segments() -> list[str]:
     """Unlink segments whose creator process no longer exists; returns their names."""
     removed = []
@@ -67,7 +49,7 @@ def reclaim_stale_segments() -> list[str]:
         parts = path.name[len(PREFIX) :].split("-")
         if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
             continue
-        if not _alive(int(parts[0]), int(parts[1])):
+        if not process_alive(int(parts[0]), int(parts[1])):
             try:
                 path.unlink()
                 removed.append(path.name)
@@ -81,15 +63,15 @@ class ScheduleChannel:
 
     def __init__(self, num_groups: int, capacity: int = 4096) -> None:
         reclaim_stale_segments()
-        pid = os.getpid()
-        self.name = f"{PREFIX}{pid}-{_start_time(pid)}-{uuid.uuid4().hex[:12]}"
+        pid, start = os.getpid(), process_start_time(os.getpid())
+        self.name = f"{PREFIX}{pid}-{start}-{uuid.uuid4().hex[:12]}"
         self.num_groups = int(num_groups)
         self.capacity = int(capacity)
         size = 8 * (_HEADER + self.capacity * (1 + self.num_groups))
         self._shm: SharedMemory | None = SharedMemory(name=self.name, create=True, size=size)
         self._owner_pid = pid
         self._bind()
-        self._header[:] = [MAGIC, num_groups, capacity, UNBOUNDED, 0, pid, _start_time(pid), 0]
+        self._header[:] = [MAGIC, num_groups, capacity, UNBOUNDED, 0, pid, start, 0]
         self._read = 0
 
     def _bind(self) -> None:

@@ -18,35 +18,29 @@ ever re-planned. Updates reach the workers through :class:`mixstream.channel.Sch
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import copy
 import hashlib
 import logging
 import math
 import numbers
 import os
-import random
-import re
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import streaming.base.dataset as streaming_dataset_module
-import streaming.base.shared.memory as streaming_shared_memory
 from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
+from torch.utils.data import get_worker_info
 
-from mixstream import storage
+from mixstream import sharedmem, storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
@@ -60,7 +54,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
-_PREFIX_ATTEMPTS = 8
 MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
 _KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
 
@@ -182,57 +175,38 @@ class DynamicStreamingDataset(StreamingDataset):
         # the duration of its constructor (the only place it is created).
         original = streaming_dataset_module.Spanner
         streaming_dataset_module.Spanner = ShardSpanner
-        if _distributed_local_leader():
-            reclaim_stale_filelocks()
-        owned: list[Any] = []
+        # Shared memory: the prefix is agreed among the node's ranks under a node-wide lock,
+        # and what this process holds is released at close/GC (see mixstream.sharedmem).
+        holdings = sharedmem.Holdings()
         try:
-            for attempt in range(_PREFIX_ATTEMPTS):
-                # streaming's constructor fills in each stream's defaults; a retry needs
-                # them as they were given. Each copy checks its index before any shard I/O.
-                copies = [copy.copy(s) for s in streams]
+            # streaming's constructor fills in each stream's defaults; copies keep the
+            # caller's as given. Each copy checks its index before any shard I/O.
+            copies = [copy.copy(s) for s in streams]
+            for s in copies:
+                s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
+            try:
+                with sharedmem.agreeing_prefix(holdings), sharedmem.recording(holdings.segments):
+                    super().__init__(
+                        streams=copies,
+                        batch_size=batch_size,
+                        shuffle=False,
+                        cache_limit=cache_limit,
+                        predownload=predownload,
+                        download_retry=download_retry,
+                        download_timeout=download_timeout,
+                        validate_hash=validate_hash,
+                    )
+            finally:
                 for s in copies:
-                    s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
-                try:
-                    with _recording_shared_memory(owned):
-                        super().__init__(
-                            streams=copies,
-                            batch_size=batch_size,
-                            shuffle=False,
-                            cache_limit=cache_limit,
-                            predownload=predownload,
-                            download_retry=download_retry,
-                            download_timeout=download_timeout,
-                            validate_hash=validate_hash,
-                        )
-                    break
-                except FileExistsError as exc:
-                    # streaming picks its shared-memory prefix by scanning for a free one,
-                    # then creating it: two jobs starting together on one machine can pick
-                    # the same. A lone process may simply try again; ranks of a distributed
-                    # job cannot (the others are inside streaming's barriers).
-                    if _distributed() or attempt + 1 == _PREFIX_ATTEMPTS:
-                        raise
-                    log.warning("shared-memory prefix taken by another job (%s); retrying", exc)
-                    time.sleep(random.uniform(0.05, 0.5))
-                finally:
-                    for s in copies:
-                        s.__dict__.pop("get_shards", None)  # keeps the streams picklable
+                    s.__dict__.pop("get_shards", None)  # keeps the streams picklable
         except BaseException:
-            _release_shared_memory(os.getpid(), owned, [])
+            holdings.release()
             raise
         finally:
             streaming_dataset_module.Spanner = original
-        # streaming registers every segment it creates or attaches (its own and, from its
-        # prefix scan, other jobs') with atexit, so none is released before the process ends:
-        # fds and /dev/shm entries pile up per dataset. We release ours at close/GC instead.
-        locks = [self._shared_barrier.filelock_path, self._cache_filelock_path]
-        self._release = weakref.finalize(
-            self,
-            _release_shared_memory,
-            os.getpid(),
-            owned,
-            locks if self._created_prefix(owned) else [],
-        )
+        if sharedmem.created_prefix(holdings.segments):
+            holdings.locks = [self._shared_barrier.filelock_path, self._cache_filelock_path]
+        self._release = weakref.finalize(self, holdings.release)
         self.group_names = names
         self.split = split
         self.device_batch_size = int(batch_size)
@@ -563,6 +537,10 @@ class DynamicStreamingDataset(StreamingDataset):
             # corrupt shards). Drop them so each worker opens its own connections.
             for stream in self.streams:
                 stream._downloader.clean_up()
+        if get_worker_info() is not None:
+            # A worker of a killed trainer would otherwise run on for seconds (torch checks
+            # its parent every 5 s, between batches), holding shared memory and CPU.
+            sharedmem.enter_worker(self._shm_prefix_int)
         self._unique_worker_world = self._unique_rank_world.detect_workers()
         self._parallel_worker_world = self._parallel_rank_world.detect_workers()
         worker = self._parallel_worker_world
@@ -674,10 +652,6 @@ class DynamicStreamingDataset(StreamingDataset):
         state.pop("_release", None)
         return state
 
-    def _created_prefix(self, owned: list[Any]) -> bool:
-        """Whether this process registered the shared-memory prefix (the node's local leader)."""
-        return any(shm.created_shms and shm.shm.name.endswith("_locals") for shm in owned)
-
     def close(self) -> None:
         """Release what this dataset holds in this process (also done at garbage collection).
 
@@ -691,80 +665,6 @@ class DynamicStreamingDataset(StreamingDataset):
             stream._downloader.clean_up()
         if hasattr(self, "_release"):
             self._release()
-
-
-_STREAMING_FILELOCK = re.compile(r"^(\d{6})_(?:barrier|cache)_filelock$")
-
-
-def reclaim_stale_filelocks(directory: str | None = None) -> list[str]:
-    """Remove streaming lock files of shared-memory prefixes no job holds any more.
-
-    streaming creates ``<prefix>_barrier_filelock``/``_cache_filelock`` in the temp dir and
-    never removes them; a prefix whose lock files exist is skipped by every later job, so
-    killed runs leave hundreds behind and push prefixes ever higher. A prefix is held while
-    any ``/dev/shm/<prefix>_*`` segment exists (they are created before, and removed after,
-    its locks); lock files of a prefix without one are stale. Segments of a killed run keep
-    their locks: reusing a prefix whose segments exist would attach to them. Returns the
-    removed names.
-    """
-    shm = Path("/dev/shm")
-    if not shm.is_dir():
-        return []
-    directory = directory or tempfile.gettempdir()
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return []
-    held = {n.split("_", 1)[0] for n in os.listdir(shm)}
-    for name in names:
-        match = _STREAMING_FILELOCK.match(name)
-        if match and match.group(1) not in held:
-            with contextlib.suppress(OSError):
-                os.remove(os.path.join(directory, name))
-                removed.append(name)
-    return removed
-
-
-@contextlib.contextmanager
-def _recording_shared_memory(owned: list[Any]) -> Iterator[None]:
-    """Collect every streaming ``SharedMemory`` this thread makes inside the block."""
-    cls = streaming_shared_memory.SharedMemory
-    original = cls.__init__
-    thread = threading.get_ident()
-
-    def init(shm: Any, *args: Any, **kwargs: Any) -> None:
-        original(shm, *args, **kwargs)
-        if threading.get_ident() == thread:
-            owned.append(shm)
-
-    cls.__init__ = init  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        cls.__init__ = original  # type: ignore[method-assign]
-
-
-def _release_shared_memory(pid: int, owned: list[Any], locks: list[str]) -> None:
-    """Close (and unlink, where created) the segments; only in the process that made them.
-
-    Forked workers inherit the list; a worker must never unlink its trainer's segments.
-    """
-    if os.getpid() != pid:
-        return
-    for path in locks:  # before the prefix's segment goes: see reclaim_stale_filelocks
-        with contextlib.suppress(OSError):
-            os.remove(path)
-    while owned:
-        shm = owned.pop()
-        atexit.unregister(shm.cleanup)
-        with contextlib.suppress(Exception):
-            shm.cleanup()
-
-
-def _distributed_local_leader() -> bool:
-    """Whether this process is the first of its node (or not distributed at all)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
 
 def _whole_batch(value: Any, what: str, error: type[ValueError]) -> int:

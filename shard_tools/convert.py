@@ -18,12 +18,14 @@ The pipeline, and why it is shaped this way:
    workers.
 4. *Publish atomically.* Locally the finished tree is renamed into place; on S3 every
    stream's shards are uploaded before its ``index.json``, and ``mixture.json`` goes last.
-   A failed run removes what it wrote, so an interrupted conversion never looks complete.
+   A failed run removes what it wrote, so an interrupted conversion never looks complete;
+   the staging folder of a killed one is removed by the next conversion of the same output.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import multiprocessing
 import os
@@ -40,8 +42,14 @@ from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: staging is not locked, and never reclaimed
+    fcntl = None  # type: ignore[assignment]
+
 from mixstream import storage
 from mixstream.manifest import MANIFEST_NAME, SPLITS, GroupInfo, Manifest, ManifestError, SplitInfo
+from mixstream.sharedmem import exit_with_parent, process_alive, process_start_time
 from shard_tools.packing import SequencePacker, assign_split
 from shard_tools.sources import (
     DEFAULT_CHUNK_BYTES,
@@ -370,6 +378,89 @@ def _progress(total: int, enabled: bool) -> Any:
     )
 
 
+_STAGING_LOCK = ".lock"
+STALE_STAGING_WAIT = 5.0
+
+
+def _staging_prefix(out: str) -> str:
+    """Staging folders of one output share a name prefix (the output may be remote, with
+    its staging in the temp dir beside other outputs')."""
+    return f".shard-tools-{hashlib.sha256(out.encode()).hexdigest()[:12]}-"
+
+
+def _open_staging(out: str, base: str) -> tuple[str, int | None]:
+    """A fresh staging folder for ``out`` under ``base``, and the fd that holds it.
+
+    The folder's ``.lock`` is ``flock``-ed from before it is visible (it is locked under a
+    temporary name, then renamed) until this conversion ends; forked workers inherit the
+    hold. So a staging folder whose lock nobody holds belongs to no live process: one left
+    by a killed conversion of the same output is removed here, and a live one never is.
+    """
+    _reclaim_staging(out, base)
+    staging = tempfile.mkdtemp(prefix=_staging_prefix(out), dir=base)
+    if fcntl is None:
+        return staging, None
+    pending = os.path.join(staging, f"{_STAGING_LOCK}.{uuid.uuid4().hex[:8]}")
+    fd = os.open(pending, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    pid = os.getpid()
+    os.write(fd, json.dumps({"out": out, "pid": pid, "start": process_start_time(pid)}).encode())
+    os.replace(pending, os.path.join(staging, _STAGING_LOCK))
+    return staging, fd
+
+
+def _reclaim_staging(out: str, base: str, wait: float = STALE_STAGING_WAIT) -> list[str]:
+    """Remove staging folders of ``out`` left by conversions no process of which is alive.
+
+    Only folders whose lock can be taken: a live conversion (or a worker of one) holds its
+    own. A folder of a conversion that is dead while its lock is still held has workers
+    exiting (they die with their parent, within a fraction of a second); it is waited for
+    up to ``wait`` s, then left. Folders without a lock (older versions) are left alone.
+    """
+    if fcntl is None:
+        return []
+    prefix = _staging_prefix(out)
+    try:
+        names = [n for n in os.listdir(base) if n.startswith(prefix)]
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        folder = os.path.join(base, name)
+        try:
+            fd = os.open(os.path.join(folder, _STAGING_LOCK), os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                owner = json.loads(os.read(fd, 4096))
+            except (OSError, ValueError):
+                continue
+            if owner.get("out") != out:
+                continue
+            alive = process_alive(int(owner.get("pid", 0)), int(owner.get("start", 0)))
+            if not _lock_within(fd, 0 if alive else wait):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _lock_within(fd: int, wait: float) -> bool:
+    """Take ``fd``'s exclusive flock, trying for up to ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
 def _start_method() -> str:
     """fork where available: workers inherit the imports (streaming pulls in torch, ~3 s)
     and the tokenizer, and callers need no ``__main__`` guard. Our workers only parse,
@@ -398,7 +489,9 @@ def _run_all(
                 bar.update(task.size)
             return results
         context = multiprocessing.get_context(start_method)
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, mp_context=context, initializer=exit_with_parent
+        ) as pool:
             sizes: dict[Future[TaskResult], int] = {
                 pool.submit(_run_task, t, options, layout, staging): t.size for t in tasks
             }
@@ -433,13 +526,16 @@ def convert(
     parent = None if remote else str(Path(out).resolve().parent)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=".shard-tools-", dir=parent)
+    identity = out if remote else str(Path(out).resolve())
+    staging, hold = _open_staging(identity, parent or tempfile.gettempdir())
     try:
         results = _run_all(tasks, options, layout, staging, workers, start_method)
         report = _assemble(inputs, results, staging, layout, tokenizer_info, options, out)
         _publish(os.path.join(staging, "out"), out, report.manifest, previous)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if hold is not None:
+            os.close(hold)
     report.input_bytes = sum(t.size for t in tasks)
     report.seconds = time.perf_counter() - started
     return report

@@ -133,3 +133,37 @@ def global_sequence(per_rank: list[dict[str, Any]], key: str = "prints") -> list
     """Concatenate ranks' slices of each step into the global batch."""
     steps = len(per_rank[0][key])
     return [[x for r in per_rank for x in r[key][s]] for s in range(steps)]
+
+
+def construct_repeatedly(rank: int, manifest: str, count: int, churning: Any = None) -> int:
+    """A job that builds and closes its dataset ``count`` times (a rank function).
+
+    With ``churning`` (the cycle counter of :func:`churn_datasets`) it starts once the other
+    job is under way and returns how many datasets that job built meanwhile.
+    """
+    import time
+
+    from mixstream import DynamicStreamingDataset
+
+    deadline = time.monotonic() + 120
+    while churning is not None and churning.value < 3:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the churning job never got going")
+        time.sleep(0.02)
+    before = churning.value if churning is not None else 0
+    for _ in range(count):
+        DynamicStreamingDataset(manifest=manifest, batch_size=2).close()
+    return churning.value - before if churning is not None else 0
+
+
+def churn_datasets(manifest: str, stop: Any, cycles: Any, errors: Any) -> None:
+    """Another job on the node: build and close datasets until ``stop`` is set."""
+    from mixstream import DynamicStreamingDataset
+
+    while not stop.is_set():
+        try:
+            DynamicStreamingDataset(manifest=manifest, batch_size=2).close()
+        except Exception as exc:
+            errors.put(repr(exc))
+        with cycles.get_lock():
+            cycles.value += 1

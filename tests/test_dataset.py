@@ -521,8 +521,8 @@ def _inode(path: str) -> int | None:
 
 def _created_segments(ds: DynamicStreamingDataset) -> list[str]:
     """Names of the streaming segments this dataset created (not those it attached to)."""
-    _, owned, _ = ds._release.peek()[2]  # (object, function, args, kwargs)
-    return [segment.name for shm in owned for segment in shm.created_shms]
+    holdings = ds._release.peek()[1].__self__  # (object, function, args, kwargs)
+    return [segment.name for shm in holdings.segments for segment in shm.created_shms]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
