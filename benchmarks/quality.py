@@ -231,11 +231,19 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
             "group_test_loss": {g: v["loss"] for g, v in res["test"]["groups"].items()},
             "steps": res["steps"], "sweep_share": run.sweep_share,
             "weights_average": res["weights"].get("average"),
+            **({"restored_from": res["restored_from"]} if "restored_from" in res else {}),
         })  # fmt: skip
     settings = list(args.settings)
     methods = list(dict.fromkeys(r["method"] for r in records if "@" not in r["method"]))
+    restored = sorted({r["restored_from"] for r in records if "restored_from" in r})
     lines = [
         *partial_note(runs),
+        *(
+            f"{sum(r.get('restored_from') == src for r in records)} runs were trained by an "
+            f"earlier invocation and restored from {src} into this workdir (marked "
+            "`restored_from` in the JSON)."
+            for src in restored
+        ),
         f"{args.seeds} paired seeds (seed = model init and data seed, shared by every method) x "
         f"{args.steps} batches per run; recipes `recipes/{'gpu-125m' if args.gpu else 'cpu'}-"
         f"*.yaml`{' with ' + ' '.join(args.override) if args.override else ''}. "
