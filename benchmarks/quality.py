@@ -244,6 +244,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
             "`restored_from` in the JSON)."
             for src in restored
         ),
+        *([""] if restored else []),
         f"{args.seeds} paired seeds (seed = model init and data seed, shared by every method) x "
         f"{args.steps} batches per run; recipes `recipes/{'gpu-125m' if args.gpu else 'cpu'}-"
         f"*.yaml`{' with ' + ' '.join(args.override) if args.override else ''}. "
