@@ -260,7 +260,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run]) -> tuple[str, dict]:
     lines = [
         *partial_note(runs),
         f"Setting: all groups of the corpus; {args.seeds} paired seeds (more where a row says so: "
-        "the count is in each cell); base {args.steps} "
+        f"the count is in each cell); base {args.steps} "
         "batches (recipes `recipes/cpu-*.yaml`). Cell: Aioli - Stratified twin in average "
         "test loss (nats/token), 95% t-interval over seeds, wins/seeds; `(noise)`: the "
         "interval holds 0. Sweep share: batches in LearnParams / all batches.",
