@@ -55,7 +55,15 @@ def fingerprint(row: Any) -> int:
 
 @dataclass
 class LoopSpec:
-    """A training loop stand-in: consume batches, change weights at given steps."""
+    """A training loop stand-in: consume batches, change weights at given steps.
+
+    Checkpoints follow the trainers' conventions: ``from_beginning=True`` passes the samples
+    since the start of the epoch, reset to 0 when an epoch ends (Composer's
+    ``sample_in_epoch``); ``False`` the samples this dataloader iterator yielded
+    (streaming's ``StreamingDataLoader``). ``record`` (a path prefix) writes each step's
+    rows and each state as they happen, for a run that ``kill_at`` SIGKILLs -- the rank and
+    its dataloader workers -- after that step.
+    """
 
     manifest: str
     global_batch: int
@@ -63,20 +71,34 @@ class LoopSpec:
     num_workers: int = 0
     update_lag: int = 5
     seed: int = 7
-    changes: dict[int, dict[str, float]] = field(default_factory=dict)
+    changes: dict[int, dict[str, float] | list[float]] = field(default_factory=dict)
+    effective: dict[int, int] = field(default_factory=dict)  # step -> effective_step
     save_at: int | None = None
+    checkpoints: tuple[int, ...] = ()  # steps after which a state is taken
+    epoch_end_checkpoints: bool = False  # also take one whenever an epoch ends
+    from_beginning: bool = True
     resume_state: dict | None = None
     start_step: int = 0
     local: str | None = None
     lockstep: bool = False
     epoch_size: int | None = None
     epochs: int = 1
+    kill_at: int | None = None
+    record: str | None = None
+    track_counts: bool = False  # read realized_counts after loading and after every step
+    # Dataloader workers' start method; None: the rank's default, which is the method the
+    # rank itself was started with (spawned ranks spawn their workers).
+    worker_start: str | None = None
     env: dict[str, str] = field(default_factory=dict)
 
 
 def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
-    """Returns this rank's per-step fingerprints and groups (and a state if ``save_at``)."""
+    """Returns this rank's per-step fingerprints and groups, the states taken (``states``:
+    ``[step, state]`` in order; ``state``: the one at ``save_at``) and realized counts
+    (``counts``: at the end; ``step_counts``: see ``track_counts``)."""
     import os
+    import signal
+    import time
 
     import torch.distributed as dist
     from torch.utils.data import DataLoader
@@ -85,6 +107,12 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
 
     os.environ.update(spec.env)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    groups_to_kill = [os.getpid()]
+    if spec.kill_at is not None:
+        os.setpgid(0, 0)  # a process group of its own: the kill takes its workers too
+        if world > 1:
+            groups_to_kill = [0] * world
+            dist.all_gather_object(groups_to_kill, os.getpid())
     # One cache per (simulated) node, as separate machines would have.
     local = spec.local and os.path.join(spec.local, f"node{os.environ.get('NODE_RANK', '0')}")
     ds = DynamicStreamingDataset(
@@ -104,28 +132,81 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
         batch_size=spec.global_batch // world,
         num_workers=spec.num_workers,
         prefetch_factor=2 if spec.num_workers else None,
+        multiprocessing_context=spec.worker_start if spec.num_workers else None,
     )
+    rows = open(f"{spec.record}.rank{rank}.jsonl", "w") if spec.record else None  # noqa: SIM115
+
+    def record(row: dict[str, Any]) -> None:
+        if rows is not None:
+            rows.write(json.dumps(row) + "\n")
+            rows.flush()
+
+    # What a killed run leaves behind for the caller to clean up.
+    locks = [ds._shared_barrier.filelock_path, ds._cache_filelock_path]
+    step_counts = [ds.realized_counts] if spec.track_counts else []
+    record({"shm_prefix": ds._shm_prefix_int, "locks": locks, "counts": step_counts[:1]})
     prints: list[list[int]] = []
     groups: list[list[int]] = []
+    states: list[list[Any]] = []
     state = None
     step = spec.start_step
+    in_epoch = spec.resume_state["sample_in_epoch"] if spec.resume_state else 0
+
+    def checkpoint() -> dict:
+        samples = in_epoch if spec.from_beginning else in_iterator
+        saved = ds.state_dict(samples, spec.from_beginning)
+        states.append([step, saved])
+        record({"step": step, "state": saved})
+        return saved
+
     for _ in range(spec.epochs):
         if step >= spec.steps:
             break
+        in_iterator = 0
         for batch in loader:
             step += 1
+            in_epoch += spec.global_batch
+            in_iterator += spec.global_batch
             prints.append([fingerprint(r) for r in batch["input_ids"]])
             groups.append(batch["group"].tolist())
+            row = {"step": step, "prints": prints[-1], "groups": groups[-1]}
             if spec.lockstep:
                 ds.advance(step)
             if step in spec.changes:
-                ds.set_weights(spec.changes[step], step=step)
-            if step == spec.save_at:
-                state = ds.state_dict(step * spec.global_batch, True)
+                effective = spec.effective.get(step)
+                ds.set_weights(spec.changes[step], step=step, effective_step=effective)
+            if step == spec.save_at or step in spec.checkpoints:
+                saved = checkpoint()
+                if step == spec.save_at:
+                    state = saved
+            if spec.track_counts:
+                step_counts.append(ds.realized_counts)
+                row["counts"] = step_counts[-1]
+            record(row)
+            if step == spec.kill_at:
+                if world > 1:
+                    dist.barrier()  # every rank has recorded this step
+                if rank == 0:  # all at once: a rank left alone would fail on its peer's exit
+                    for group in reversed(groups_to_kill):
+                        os.killpg(group, signal.SIGKILL)
+                time.sleep(600)
             if step >= spec.steps:
                 break
-    result = {"prints": prints, "groups": groups, "state": state, "counts": ds.realized_counts}
+        else:
+            in_epoch = 0
+            if spec.epoch_end_checkpoints:
+                checkpoint()
+    result = {
+        "prints": prints,
+        "groups": groups,
+        "state": state,
+        "states": states,
+        "counts": ds.realized_counts,
+        "step_counts": step_counts,  # after loading, then after each step (track_counts)
+    }
     ds.close()
+    if rows is not None:
+        rows.close()
     return result
 
 

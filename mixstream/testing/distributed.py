@@ -4,18 +4,40 @@ Used by tests and benchmarks to exercise multi-rank and simulated multi-node beh
 real processes. Each rank gets the environment a launcher would set (``RANK``,
 ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``NODE_RANK``, ``MASTER_ADDR``,
 ``MASTER_PORT``), which both ``torch.distributed`` and ``streaming`` read.
+
+Ranks are spawned (a fresh interpreter each) by default; ``start_method="forkserver"`` with
+``preload`` forks them from a server that imported those modules once, which saves the
+seconds each fresh interpreter spends importing torch and streaming when a test launches
+many short jobs. A rank that ends without reporting (SIGKILL, ``os._exit``) raises
+:class:`RankExited` as soon as it is gone, instead of waiting for ``timeout``.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["free_port", "run_ranks"]
+__all__ = ["RankExited", "free_port", "run_ranks"]
+
+_EXIT_GRACE = 0.5  # a rank that returned has written its result before it exits
+
+
+class RankExited(RuntimeError):
+    """Ranks ended without reporting a result; ``exitcodes`` maps each to its exit code
+    (negative: killed by that signal)."""
+
+    def __init__(self, exitcodes: dict[int, int]) -> None:
+        self.exitcodes = exitcodes
+        super().__init__(
+            "rank(s) exited without a result: "
+            + ", ".join(f"rank {r} exit code {c}" for r, c in sorted(exitcodes.items()))
+        )
 
 
 def free_port() -> int:
@@ -52,17 +74,25 @@ def run_ranks(
     ranks_per_node: int | None = None,
     env: dict[str, str] | None = None,
     timeout: float = 300.0,
+    start_method: str = "spawn",
+    preload: Sequence[str] = (),
 ) -> list[Any]:
     """Run ``fn(rank, *args)`` on ``world_size`` spawned ranks; returns results by rank.
 
     ``ranks_per_node`` < ``world_size`` simulates several nodes on this machine (each
     "node" should then use its own cache directory, as separate machines would). ``fn``
-    must be importable (module-level) since ranks are spawned.
+    must be importable (module-level) since ranks are spawned. ``timeout`` bounds the wait
+    for each next result. ``preload`` (forkserver only) takes effect if this process has not
+    started its fork server yet.
     """
     ranks_per_node = ranks_per_node or world_size
     if world_size % ranks_per_node:
         raise ValueError(f"world_size {world_size} is not a multiple of {ranks_per_node}")
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context(start_method)
+    if preload:
+        if start_method != "forkserver":
+            raise ValueError("preload needs start_method='forkserver'")
+        ctx.set_forkserver_preload(list(preload))
     queue = ctx.Queue()
     port = str(free_port())
     procs = []
@@ -82,9 +112,29 @@ def run_ranks(
         procs.append(proc)
     results: dict[int, Any] = {}
     errors = []
+    exited: dict[int, int] = {}
+    gone_since: dict[int, float] = {}
+    last_result = time.monotonic()
     try:
-        for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
+        while len(results) + len(exited) < world_size:
+            try:
+                rank, ok, value = queue.get(timeout=0.2)
+            except queue_module.Empty:
+                now = time.monotonic()
+                for r, proc in enumerate(procs):
+                    if r in results or r in exited or proc.exitcode is None:
+                        continue
+                    # A rank that returned flushed its result before exiting; give the
+                    # queue a moment to deliver it before calling the rank lost.
+                    if now - gone_since.setdefault(r, now) > _EXIT_GRACE:
+                        exited[r] = proc.exitcode
+                if now - last_result > timeout:
+                    missing = [r for r in range(world_size) if r not in results]
+                    raise TimeoutError(
+                        f"no result from rank(s) {missing} within {timeout:g} s"
+                    ) from None
+                continue
+            last_result = time.monotonic()
             if ok:
                 results[rank] = value
             else:
@@ -94,10 +144,12 @@ def run_ranks(
         # Let ranks exit on their own so their shared memory and dataloader workers are
         # cleaned up before the next run starts; kill only stragglers after a failure.
         for proc in procs:
-            proc.join(timeout=2 if errors else 120)
+            proc.join(timeout=2 if errors or exited else 120)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
     if errors:
         raise RuntimeError("\n".join(errors))
+    if exited:
+        raise RankExited(exited)
     return [results[r] for r in range(world_size)]
