@@ -31,6 +31,7 @@ _EXPORTS = {
     "ema": "mixstream.algorithms.lmo",
     "exponentiated_gradient_log_step": "mixstream.algorithms.lmo",
     "exponentiated_gradient_step": "mixstream.algorithms.lmo",
+    "floor_probabilities": "mixstream.algorithms.lmo",
     "linear_dynamic_law": "mixstream.algorithms.lmo",
     "log_linear_static_law": "mixstream.algorithms.lmo",
     "normalize_mixing_matrix": "mixstream.algorithms.lmo",
