@@ -183,3 +183,11 @@ def test_floor_raises_small_weights_and_keeps_the_others_ratios() -> None:
         floor_probabilities([0.5, 0.5], 0.6)
     with pytest.raises(ValueError, match="floor must be in"):
         floor_probabilities([0.5, 0.5], -0.1)
+
+
+def test_eg_step_with_full_smoothing_is_uniform() -> None:
+    # smoothing = 1 (ODM's first steps, K eps_t = 1): (1 - 1) q + 1/m, not log(0) errors
+    np.testing.assert_allclose(exponentiated_gradient_step([0.2, 0.8], [5.0, 0.0], 1.0, 1.0),
+                               [0.5, 0.5])  # fmt: skip
+    log_p = exponentiated_gradient_log_step(np.log([0.2, 0.8]), [5.0, 0.0], 1.0, 1.0)
+    np.testing.assert_allclose(log_p, np.log([0.5, 0.5]))

@@ -144,7 +144,7 @@ def exponentiated_gradient_log_step(
         return log_q
     m = log_q.size
     with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer for smoothing=1
-        return np.logaddexp(math.log1p(-smoothing) + log_q, math.log(smoothing / m))
+        return np.logaddexp(np.log1p(-smoothing) + log_q, math.log(smoothing / m))
 
 
 def exponentiated_gradient_step(
