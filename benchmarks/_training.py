@@ -37,6 +37,8 @@ from mixstream.train.stats import (  # noqa: F401  (the benchmarks import them f
 )
 
 RECIPES = REPO_ROOT / "recipes"
+#: algorithm options counted in batches, scaled with a run's length (schedule_overrides)
+BATCH_OPTIONS = {"odm": ("warmup_steps",), "ado": ("warmup_steps", "ignore_steps", "fit_interval")}
 
 
 # --------------------------------------------------------------------------- runs
@@ -91,6 +93,30 @@ def base_overrides(name: str, run_dir: Path, seed: int, manifest: str, groups: S
         "autoresume=false",
         "console_log_interval=100000ba",
     ]
+
+
+def schedule_overrides(recipe: Path, steps: int) -> list[str]:
+    """ODM's and ADO's batch-counted options in ``recipe``, scaled to a ``steps``-batch run.
+
+    The recipes set them for their own length (1000 batches); a shorter benchmark run keeps
+    the same proportions (a warm-up of 5% stays 5%), so the method still acts. ADO keeps at
+    least 3 batches between ``ignore_steps`` and ``warmup_steps`` (its first fit needs them).
+    """
+    from mixstream.train.recipe import load_recipe, parse_duration
+
+    config = load_recipe(recipe)
+    algorithm = config["algorithm"]
+    keys = [k for k in BATCH_OPTIONS.get(algorithm["name"], ()) if k in algorithm]
+    duration = parse_duration(config["max_duration"], "max_duration")
+    if not keys or duration.unit != "ba" or int(duration.value) == steps:
+        return []
+    factor = steps / duration.value
+    values = {k: max(0, round(int(algorithm[k]) * factor)) for k in keys}
+    if "fit_interval" in values:
+        values["fit_interval"] = max(1, values["fit_interval"])
+    if "ignore_steps" in values and "warmup_steps" in values:
+        values["warmup_steps"] = max(values["warmup_steps"], values["ignore_steps"] + 3)
+    return [f"algorithm.{k}={v}" for k, v in values.items()]
 
 
 def _run_one(run: Run, done: dict[str, Run], env: dict[str, str]) -> bool:

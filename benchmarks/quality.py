@@ -11,7 +11,9 @@ Stratified's. Here the same protocol at CPU scale, built so that its numbers can
   the mean over seeds of (method - Stratified) in average test loss, with its 95%
   t-interval and wins/seeds. A cell whose interval holds 0 says ``(noise)``.
 * **Faithful protocol.** Aioli runs with the paper's settings for the number of groups
-  (``AioliConfig.defaults_for``), scaled only where a run is shorter than two rounds.
+  (``AioliConfig.defaults_for``), scaled only where a run is shorter than two rounds. ODM
+  and ADO run their recipes (the reference codes' settings, scaled to the recipe's length),
+  with warm-ups and refit intervals scaled to the run's length.
   DoReMi is its 3-run pipeline (the Stratified run is the reference). DGA's target is named
   (``--dga-target``) or the group with the highest *validation* loss under the paired
   Stratified run. The restricted setting (all groups): a mixture learned by short runs
@@ -55,12 +57,13 @@ from benchmarks._training import (
     partial_note,
     relative_sd,
     run_all,
+    schedule_overrides,
     unigram_entropy,
 )
 
 #: the demo corpus's settings, as in the paper: two groups, three, and all of them
 DEMO_SETTINGS = "legal+prose,code+legal+prose,all"
-METHODS = ("stratified", "aioli", "doremi", "dga")
+METHODS = ("stratified", "aioli", "doremi", "dga", "odm", "ado")
 SHORT_RUNS = ("aioli", "dga")  # methods that can learn a restricted-setting prior alone
 
 
@@ -179,6 +182,10 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
                     after=[proxy.name])  # fmt: skip
             if "dga" in args.methods:
                 add(key, "dga", seed, groups, args.steps, "dga", **_dga_target(args, base))
+            for m in ("odm", "ado"):  # training loss only: no target, no reference model
+                if m in args.methods:
+                    add(key, m, seed, groups, args.steps, m,
+                        *schedule_overrides(_recipe(args, m), args.steps))  # fmt: skip
     for seed in range(args.seeds if args.restricted else 0):
         key, groups, short = study_key, study_groups, max(1, args.steps // 4)
         for src in args.restricted_from:

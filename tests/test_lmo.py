@@ -11,6 +11,7 @@ from mixstream.algorithms.lmo import (
     ema,
     exponentiated_gradient_log_step,
     exponentiated_gradient_step,
+    floor_probabilities,
     linear_dynamic_law,
     log_linear_static_law,
     normalize_mixing_matrix,
@@ -168,3 +169,25 @@ def test_normalize_mixing_matrix_by_hand() -> None:
     )
     # Constant matrix: no preference -> zeros (the EG step then leaves p unchanged).
     np.testing.assert_array_equal(normalize_mixing_matrix(-np.ones((2, 2))), np.zeros((2, 2)))
+
+
+def test_floor_raises_small_weights_and_keeps_the_others_ratios() -> None:
+    # max([0.7, 0.295, 0.005], 0.05) = [0.7, 0.295, 0.05], sum 1.045
+    p = floor_probabilities([0.7, 0.295, 0.005], 0.05)
+    np.testing.assert_allclose(p, [0.7 / 1.045, 0.295 / 1.045, 0.05 / 1.045], rtol=1e-12)
+    assert p[0] / p[1] == pytest.approx(0.7 / 0.295)
+    np.testing.assert_array_equal(floor_probabilities([0.5, 0.5], 0.1), [0.5, 0.5])
+    # a raised weight ends a little under the floor: [1, 0.5] / 1.5
+    np.testing.assert_allclose(floor_probabilities([1.0, 0.0], 0.5), [2 / 3, 1 / 3])
+    with pytest.raises(ValueError, match=r"floor=0\.6 is more than 1/m"):
+        floor_probabilities([0.5, 0.5], 0.6)
+    with pytest.raises(ValueError, match="floor must be in"):
+        floor_probabilities([0.5, 0.5], -0.1)
+
+
+def test_eg_step_with_full_smoothing_is_uniform() -> None:
+    # smoothing = 1 (ODM's first steps, K eps_t = 1): (1 - 1) q + 1/m, not log(0) errors
+    np.testing.assert_allclose(exponentiated_gradient_step([0.2, 0.8], [5.0, 0.0], 1.0, 1.0),
+                               [0.5, 0.5])  # fmt: skip
+    log_p = exponentiated_gradient_log_step(np.log([0.2, 0.8]), [5.0, 0.0], 1.0, 1.0)
+    np.testing.assert_allclose(log_p, np.log([0.5, 0.5]))

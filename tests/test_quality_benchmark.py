@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -12,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mixstream.train.stats import Paired, paired, relative_sd, t975
-from benchmarks.quality import aioli_overrides, parse_settings
+from benchmarks._training import schedule_overrides
+from benchmarks.quality import aioli_overrides, parse_settings, plan_runs
 from mixstream.algorithms.aioli import AioliConfig
 from mixstream.composer.signals import GroupSamples, sample_indices
+from mixstream.train.stats import Paired, paired, relative_sd, t975
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +68,35 @@ def test_aioli_keeps_the_paper_settings_unless_a_run_cannot_hold_two_rounds() ->
     assert "algorithm.lp_rounds=1" in extra and "algorithm.update_steps=7" in extra
     with pytest.raises(SystemExit, match="too short"):
         aioli_overrides(4, 6, 64)
+
+
+def test_odm_and_ado_schedules_scale_with_the_run_length() -> None:
+    recipes = REPO / "recipes"
+    # cpu-odm: warmup 50 of 1000 batches; cpu-ado: warmup 100, ignore 50, refit every 50
+    assert schedule_overrides(recipes / "cpu-odm.yaml", 1000) == []
+    assert schedule_overrides(recipes / "cpu-odm.yaml", 60) == ["algorithm.warmup_steps=3"]
+    assert schedule_overrides(recipes / "cpu-ado.yaml", 60) == [
+        "algorithm.warmup_steps=6", "algorithm.ignore_steps=3", "algorithm.fit_interval=3"
+    ]  # fmt: skip
+    # ADO's first fit keeps 3 batches after the ignored ones; a refit interval stays >= 1
+    assert schedule_overrides(recipes / "cpu-ado.yaml", 10) == [
+        "algorithm.warmup_steps=3", "algorithm.ignore_steps=0", "algorithm.fit_interval=1"
+    ]  # fmt: skip
+    assert schedule_overrides(recipes / "cpu-stratified.yaml", 60) == []
+
+
+def test_odm_and_ado_rows_are_planned_next_to_stratified(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        settings={"a+b": ["a", "b"]}, seeds=2, steps=60, methods=["stratified", "odm", "ado"],
+        override=[], restricted=False, restricted_from=[], lengths=[], length_seeds=1,
+        gpu=False, val_samples=8, dga_target=None,
+    )  # fmt: skip
+    runs = {r.name: r for r in plan_runs(args, "MANIFEST", tmp_path)}
+    assert sorted(runs) == sorted(f"a+b/{m}/s{s}" for m in args.methods for s in (0, 1))
+    odm, ado = runs["a+b/odm/s1"], runs["a+b/ado/s1"]
+    assert odm.recipe.name == "cpu-odm.yaml" and "algorithm.warmup_steps=3" in odm.overrides
+    assert ado.recipe.name == "cpu-ado.yaml" and "algorithm.fit_interval=3" in ado.overrides
+    assert "seed=1" in ado.overrides and not ado.after  # no reference run, no target
 
 
 def test_sweep_share_counts_learnparams_batches() -> None:

@@ -123,6 +123,10 @@ def test_algorithm_key_typo_for_every_available_method(mixture: str) -> None:
         if has_algorithm(cls):
             message = error_of(base(mixture), f"algorithm.name={name}", "algorithm.etta=1.0")
             assert "unknown key algorithm.etta" in message and "eta" in message
+    for name, cls, key in [("odm", "ODM", "reward_scale"), ("ado", "ADO", "fit_interval")]:
+        if has_algorithm(cls):
+            message = error_of(base(mixture), f"algorithm.name={name}", f"algorithm.{key}s=1")
+            assert f"unknown key algorithm.{key}s" in message and key in message
 
 
 def test_algorithm_keys_the_recipe_sets(mixture: str) -> None:
@@ -205,7 +209,7 @@ def test_shipped_recipes_resolve(mixture: str) -> None:
         raw = yaml.safe_load(path.read_text())
         name = raw.get("algorithm", {}).get("name", "stratified")
         if name not in ("stratified", "static") and not has_algorithm(
-            {"aioli": "Aioli", "doremi": "DoReMi", "dga": "DGA"}[name]
+            {"aioli": "Aioli", "doremi": "DoReMi", "dga": "DGA", "odm": "ODM", "ado": "ADO"}[name]
         ):
             continue
         overrides = [f"data.manifest={mixture}", "data.groups=null"]

@@ -166,6 +166,8 @@ METHODS = {
     "doremi": ("DoReMi", {"update_steps": 2}),
     "dga": ("DGA", {"target": "alpha", "update_steps": 4, "probe_batch_size": 2,
                     "probe_samples_per_group": 4}),
+    "odm": ("ODM", {"warmup_steps": 2}),
+    "ado": ("ADO", {"warmup_steps": 5, "ignore_steps": 1, "fit_interval": 3}),
 }  # fmt: skip
 
 

@@ -6,13 +6,17 @@ set ``A``:
 
 * ``aioli``  -- estimated from short training sweeps (LearnParams), Chen et al. 2024;
 * ``doremi`` -- ``diag(excess loss over a reference model)``, Xie et al. 2023;
-* ``dga``    -- gradient alignment with a target set, Fan, Grangier, Ablin 2024.
+* ``dga``    -- gradient alignment with a target set, Fan, Grangier, Ablin 2024;
+* ``odm``    -- an EXP3 bandit rewarded by training loss (no validation pass), Albalak et al.
+  2023: one EG step from uniform on the cumulative importance-weighted losses;
+* ``ado``    -- per-group power laws of training loss, sampled by their predicted rate of
+  decrease, Jiang et al. 2024 (not an EG step: a preference, floored and time-averaged).
 
 The modules here are pure (numpy; torch tensors accepted where losses/gradients come from
 a model) and hold no trainer state beyond small, serialisable dataclasses. Trainer
 integrations (the Composer ``Algorithm`` classes ``Stratified``, ``StaticMixture``, ``Aioli``,
-``DoReMi``, ``DGA``) live in :mod:`mixstream.composer` and are exported here lazily, so
-``import mixstream.algorithms`` alone never imports a training framework.
+``DoReMi``, ``DGA``, ``ODM``, ``ADO``) live in :mod:`mixstream.composer` and are exported
+here lazily, so ``import mixstream.algorithms`` alone never imports a training framework.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ _EXPORTS = {
     "Aioli": "mixstream.composer.aioli",
     "DoReMi": "mixstream.composer.doremi",
     "DGA": "mixstream.composer.dga",
+    "ODM": "mixstream.composer.odm",
+    "ADO": "mixstream.composer.ado",
     # lmo: the shared core
     "ema": "mixstream.algorithms.lmo",
     "exponentiated_gradient_log_step": "mixstream.algorithms.lmo",
     "exponentiated_gradient_step": "mixstream.algorithms.lmo",
+    "floor_probabilities": "mixstream.algorithms.lmo",
     "linear_dynamic_law": "mixstream.algorithms.lmo",
     "log_linear_static_law": "mixstream.algorithms.lmo",
     "normalize_mixing_matrix": "mixstream.algorithms.lmo",
@@ -53,6 +60,21 @@ _EXPORTS = {
     # dga
     "alignment": "mixstream.algorithms.dga",
     "dga_update": "mixstream.algorithms.dga",
+    # odm
+    "ODMConfig": "mixstream.algorithms.odm",
+    "ODMState": "mixstream.algorithms.odm",
+    "exploration_rate": "mixstream.algorithms.odm",
+    "odm_policy": "mixstream.algorithms.odm",
+    "odm_rewards": "mixstream.algorithms.odm",
+    "odm_update": "mixstream.algorithms.odm",
+    # ado
+    "ADOConfig": "mixstream.algorithms.ado",
+    "ADOState": "mixstream.algorithms.ado",
+    "PowerLaw": "mixstream.algorithms.ado",
+    "ado_policy": "mixstream.algorithms.ado",
+    "ado_preference": "mixstream.algorithms.ado",
+    "ado_update": "mixstream.algorithms.ado",
+    "fit_power_law": "mixstream.algorithms.ado",
     # simulate (toy runs under a planted mixing law, for tests and benchmarks)
     "LinearDynamicSimulator": "mixstream.algorithms.simulate",
     "run_aioli": "mixstream.algorithms.simulate",

@@ -32,6 +32,7 @@ __all__ = [
     "ema",
     "exponentiated_gradient_log_step",
     "exponentiated_gradient_step",
+    "floor_probabilities",
     "linear_dynamic_law",
     "log_linear_static_law",
     "logsumexp",
@@ -143,7 +144,7 @@ def exponentiated_gradient_log_step(
         return log_q
     m = log_q.size
     with np.errstate(divide="ignore"):  # log(0) = -inf is the right answer for smoothing=1
-        return np.logaddexp(math.log1p(-smoothing) + log_q, math.log(smoothing / m))
+        return np.logaddexp(np.log1p(-smoothing) + log_q, math.log(smoothing / m))
 
 
 def exponentiated_gradient_step(
@@ -167,6 +168,25 @@ def smooth_toward_uniform(p: Any, smoothing: float) -> np.ndarray:
     p = check_simplex("p", p)
     smoothing = check_fraction("smoothing", smoothing)
     return (1.0 - smoothing) * p + smoothing / p.size
+
+
+def floor_probabilities(p: Any, floor: float) -> np.ndarray:
+    """``max(p, floor)`` renormalised: an exploration floor that leaves larger weights' ratios.
+
+    Unlike :func:`smooth_toward_uniform`, weights above ``floor`` keep their ratios exactly;
+    only the ones below are raised (ADO's ``delta_min``, Jiang et al. 2024). After the
+    renormalisation a floored weight is ``floor / sum(max(p, floor))``, a little under
+    ``floor`` when some weights were raised. ``floor`` must leave room: ``floor * m <= 1``.
+    """
+    p = check_simplex("p", p)
+    floor = check_fraction("floor", floor)
+    if floor * p.size > 1 + SIMPLEX_ATOL:
+        raise ValueError(
+            f"floor={floor} is more than 1/m = {1 / p.size:.4g}: {p.size} weights of at least "
+            "floor cannot sum to 1"
+        )
+    out = np.maximum(p, floor)
+    return out / out.sum()
 
 
 def ema(prev: Any | None, new: Any, decay: float) -> np.ndarray:

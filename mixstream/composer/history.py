@@ -5,7 +5,9 @@ Rows are ``{"step": batches done, "kind": ..., ...}``. Kinds written by the algo
 * ``weights``   -- ``effective_step`` and ``weights`` ({group: weight}) of a weight change;
 * ``train_loss``/``val_loss`` -- ``losses`` ({group: mean token loss});
 * method-specific rows (``aioli`` with the estimated ``A``, ``doremi`` with excess losses,
-  ``dga`` with alignments), and ``final`` at the end of training.
+  ``dga`` with alignments, ``odm`` with the bandit's rewards and the batch's losses,
+  ``ado_fit`` with the refit laws and ``ado`` with the preference), and ``final`` at the end
+  of training.
 
 On resume the rows past the checkpoint are dropped (they will be written again), so the
 file always describes one consistent run.

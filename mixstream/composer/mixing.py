@@ -7,7 +7,9 @@ says *when* to update. This base does the wiring every method needs, once:
   and announces every finished batch to it (``advance``), so lockstep workers never plan a
   batch whose weights could still change;
 * collects per-group training loss from the training forward pass (no extra forward) and
-  per-group validation loss from the manifest's ``val`` split, all-reduced across ranks;
+  per-group validation loss from the manifest's ``val`` split, all-reduced across ranks:
+  over the logging window (``flush_train_losses``), or for the batch just trained
+  (``step_train_losses``, what ODM and ADO learn from);
 * hands weight changes to the dataset, logs them to Composer's loggers
   (``mixture/weight/<group>``, ``mixture/val_loss/<group>``, ...) and appends them to
   ``mixture_history.jsonl`` in the run folder; writes ``weights.json`` (final and
@@ -116,6 +118,10 @@ class MixingAlgorithm(Algorithm):
         self._history: MixtureHistory | None = None
         self._train_sums: torch.Tensor | None = None
         self._train_counts: torch.Tensor | None = None
+        # This rank's sums over the current batch's microbatches (folded into the window
+        # above at BATCH_END, after on_step has had the chance to read them).
+        self._step_sums: torch.Tensor | None = None
+        self._step_counts: torch.Tensor | None = None
         #: wall-clock seconds spent measuring validation losses (the method's own overhead)
         self.eval_seconds = 0.0
         self._val_step: int | None = None  # batch of the last measurement (one per batch)
@@ -164,6 +170,7 @@ class MixingAlgorithm(Algorithm):
             self._step = step
             self.mixing_dataset.advance(step)
             self.on_step(state, logger, step)
+            self._end_step()
             if step % self.log_interval == 0:
                 self.record("train_loss", step, logger, losses=self.flush_train_losses())
             if self.val_interval and step % self.val_interval == 0 and self._val_step != step:
@@ -199,6 +206,7 @@ class MixingAlgorithm(Algorithm):
             else:
                 self._history.truncate_after(step)
         self._reset_train_loss()
+        self._reset_step_loss()
         self.setup(state, logger, fresh)
 
     def _fit_end(self, state: State, logger: Logger) -> None:
@@ -278,14 +286,26 @@ class MixingAlgorithm(Algorithm):
         self._train_sums = torch.zeros(self.num_groups, dtype=torch.float64)
         self._train_counts = torch.zeros(self.num_groups, dtype=torch.float64)
 
+    def _reset_step_loss(self) -> None:
+        self._step_sums = torch.zeros(self.num_groups, dtype=torch.float64)
+        self._step_counts = torch.zeros(self.num_groups, dtype=torch.float64)
+
     def _collect_train_loss(self, state: State) -> None:
         if "group" not in state.batch:
             raise KeyError("the batch has no 'group' ids; keep the dataset's 'group' column")
         losses = self.batch_token_losses(state).detach()
         sums, counts = group_loss_sums(losses, state.batch["group"], self.num_groups)
+        assert self._step_sums is not None and self._step_counts is not None
+        self._step_sums += sums.cpu()
+        self._step_counts += counts.cpu()
+
+    def _end_step(self) -> None:
+        """Fold the finished batch's sums into the logging window."""
         assert self._train_sums is not None and self._train_counts is not None
-        self._train_sums += sums.cpu()
-        self._train_counts += counts.cpu()
+        assert self._step_sums is not None and self._step_counts is not None
+        self._train_sums += self._step_sums
+        self._train_counts += self._step_counts
+        self._reset_step_loss()
 
     def batch_token_losses(self, state: State) -> torch.Tensor:
         """Per-token losses of the current (micro)batch, from the training forward pass."""
@@ -307,6 +327,21 @@ class MixingAlgorithm(Algorithm):
         totals = all_reduce_sum(totals).cpu()
         with np.errstate(invalid="ignore", divide="ignore"):
             return (totals[0] / totals[1]).numpy()
+
+    def step_train_losses(self, device: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The batch just trained: mean training token loss and token count per group.
+
+        Summed over every microbatch of the batch and across ranks (collective: call it from
+        :meth:`on_step` on every rank). Groups without tokens in the batch have loss NaN and
+        count 0. It does not disturb the logging window (``flush_train_losses``).
+        """
+        assert self._step_sums is not None and self._step_counts is not None
+        totals = torch.stack([self._step_sums, self._step_counts])
+        if device is not None:
+            totals = device.tensor_to_device(totals)
+        totals = all_reduce_sum(totals).cpu().numpy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return totals[0] / totals[1], totals[1]
 
     def validation_losses(self, state: State) -> np.ndarray:
         """Mean validation token loss per group, across ranks (collective)."""

@@ -104,6 +104,8 @@ ALGORITHMS = {
     "aioli": "Aioli",
     "doremi": "DoReMi",
     "dga": "DGA",
+    "odm": "ODM",
+    "ado": "ADO",
 }
 #: algorithm keyword arguments the recipe sets itself, and where to set them instead
 _ALGORITHM_RESERVED = {
