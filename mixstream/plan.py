@@ -32,6 +32,8 @@ __all__ = ["BatchDraw", "MixturePlan", "PlanState"]
 
 _LAYOUT_STREAM = 1 << 20  # permutation stream id for in-batch layouts, apart from group ids
 _CHUNK = 4096  # group positions are mapped to sample ids a chunk at a time, and cached
+_CHUNK_MIN = 128
+_CHUNK_BUDGET = 1 << 20  # positions cached per chunk generation, over all groups
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,13 @@ class MixturePlan:
         self.block_size = int(block_size)
         self._passes: dict[tuple[int, int], BlockShuffle] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
+        # Chunk sizes (powers of two): 4096 positions for few groups, smaller for many so the
+        # cache stays O(_CHUNK_BUDGET) whatever the number of groups, never longer than a pass.
+        per_group = max(_CHUNK_MIN, min(_CHUNK, _CHUNK_BUDGET // len(self.group_sizes)))
+        self._chunk_sizes = [
+            max(_CHUNK_MIN, min(1 << (per_group.bit_length() - 1), 1 << (n - 1).bit_length()))
+            for n in self.group_sizes
+        ]
 
     @property
     def num_groups(self) -> int:
@@ -101,8 +110,11 @@ class MixturePlan:
         n = allocate(state.targets, state.counts, weights, self.global_batch_size)
         draw = BatchDraw(state.batch, tuple(n), state.counts)
         targets = advance_targets(np.asarray(state.targets), weights, self.global_batch_size)
-        counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
-        return draw, PlanState(state.batch + 1, tuple(float(t) for t in targets), counts)
+        if len(n) < 64:
+            counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
+        else:
+            counts = tuple((np.asarray(state.counts, dtype=np.int64) + n).tolist())
+        return draw, PlanState(state.batch + 1, tuple(targets.tolist()), counts)
 
     def advance(self, state: PlanState, schedule: WeightSchedule, batch: int) -> PlanState:
         """Step from ``state`` to just before global batch ``batch``."""
@@ -136,13 +148,18 @@ class MixturePlan:
         chunks of positions and cached: one vectorized permutation call per chunk instead of
         several small ones per batch.
         """
+        size = self._chunk_sizes[group]
+        offset = start % size
+        if offset + count <= size:  # the usual case: one chunk
+            chunk = self._chunk(group, start // size)
+            return chunk[offset : offset + count].copy()
         out = np.empty(count, dtype=np.int64)
         done = 0
         while done < count:
             pos = start + done
-            chunk = self._chunk(group, pos // _CHUNK)
-            offset = pos % _CHUNK
-            take = min(count - done, _CHUNK - offset)
+            chunk = self._chunk(group, pos // size)
+            offset = pos % size
+            take = min(count - done, size - offset)
             out[done : done + take] = chunk[offset : offset + take]
             done += take
         return out
@@ -152,12 +169,17 @@ class MixturePlan:
         chunk = self._chunks.get(key)
         if chunk is None:
             size = self.group_sizes[group]
-            positions = np.arange(index * _CHUNK, (index + 1) * _CHUNK, dtype=np.int64)
-            chunk = np.empty(_CHUNK, dtype=np.int64)
+            width = self._chunk_sizes[group]
+            positions = np.arange(index * width, (index + 1) * width, dtype=np.int64)
+            chunk = np.empty(width, dtype=np.int64)
             epochs = positions // size
-            for epoch in np.unique(epochs):
+            first, last = int(epochs[0]), int(epochs[-1])
+            for epoch in range(first, last + 1):
+                if first == last:
+                    chunk[:] = self._pass(group, epoch)(positions - epoch * size)
+                    break
                 mask = epochs == epoch
-                chunk[mask] = self._pass(group, int(epoch))(positions[mask] - epoch * size)
+                chunk[mask] = self._pass(group, epoch)(positions[mask] - epoch * size)
             chunk += self.offsets[group]
             if len(self._chunks) >= 4 * self.num_groups + 8:
                 del self._chunks[next(iter(self._chunks))]  # oldest first
@@ -172,16 +194,26 @@ class MixturePlan:
         slots = np.arange(lo, hi, dtype=np.int64)
         if self.shuffle:
             slots = shuffled_order(B, self.seed, stream=_LAYOUT_STREAM, epoch=draw.batch)[lo:hi]
-        bounds = np.cumsum(draw.counts)
+        counts = np.asarray(draw.counts, dtype=np.int64)
+        bounds = np.cumsum(counts)
         groups = np.searchsorted(bounds, slots, side="right").astype(np.int64)
-        starts = bounds - np.asarray(draw.counts)
+        # Position of each slot in its group's draw, then slots grouped by group (stable):
+        # one look-up per group present in the slice, O(slice log slice) in all.
+        within = slots - (bounds - counts)[groups]
+        order = np.argsort(groups, kind="stable")
+        sorted_groups = groups[order]
+        cuts = np.flatnonzero(np.diff(sorted_groups)) + 1
+        begins = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), len(order)]
         ids = np.empty(len(slots), dtype=np.int64)
-        for g in np.unique(groups):
-            mask = groups == g
-            within = slots[mask] - starts[g]
-            first = int(within.min())
-            span = self.group_positions(
-                int(g), draw.cursors[g] + first, int(within.max()) - first + 1
-            )
-            ids[mask] = span[within - first]
+        cursors = draw.cursors
+        for a, b in zip(begins, ends, strict=True):
+            if a == b:
+                continue
+            members = order[a:b]
+            g = int(sorted_groups[a])
+            pos = within[members]
+            first = int(pos.min())
+            span = self.group_positions(g, cursors[g] + first, int(pos.max()) - first + 1)
+            ids[members] = span[pos - first]
         return ids, groups
