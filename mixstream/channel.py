@@ -158,6 +158,19 @@ class ScheduleChannel:
         self._header[4] = n + 1
         self._read = n + 1  # the writer's own schedule already holds what it publishes
 
+    def publish_many(self, batches: np.ndarray, weights: np.ndarray) -> None:
+        """:meth:`publish` each ``(batches[i], weights[i])`` in order, in one write."""
+        self._attach()
+        n, k = int(self._header[4]), len(batches)
+        if not k:
+            return
+        first = max(0, k - self.capacity)  # a burst longer than the ring: its tail remains
+        rows = (n + np.arange(first, k)) % self.capacity
+        self._records[rows, 0] = np.asarray(batches[first:], dtype=np.float64)
+        self._records[rows, 1:] = weights[first:]
+        self._header[4] = n + k
+        self._read = n + k
+
     def set_horizon(self, batch: int) -> None:
         self._attach()
         self._header[3] = int(batch)

@@ -553,8 +553,7 @@ class DynamicStreamingDataset(StreamingDataset):
             obj, self.plan.num_groups, self.global_batch_size, self.batches_per_epoch
         )
         self._schedule = schedule
-        for batch, vec in self._schedule.entries:
-            self._channel.publish(batch, vec)
+        self._channel.publish_many(*schedule.arrays())
         if update_lag is not None and update_lag > self.update_lag:
             log.warning(
                 "resuming with update_lag %d, smaller than the saved %d",
@@ -927,6 +926,23 @@ def _vector(value: Any, where: str, num_groups: int) -> np.ndarray:
     return np.array(out, dtype=np.float64)
 
 
+def _matrix(rows: list[Any], where: str, num_groups: int) -> np.ndarray:
+    """``rows`` (each ``where[i][1]``) as a (rows, groups) array, checked like :func:`_vector`.
+
+    The usual case (lists of floats) is checked in numpy at once; anything else, row by row
+    for the message.
+    """
+    if all(
+        type(r) is list and len(r) == num_groups and all(type(x) is float for x in r) for r in rows
+    ):
+        out = np.array(rows, dtype=np.float64).reshape(len(rows), num_groups)
+        if np.isfinite(out).all() and (out >= 0).all():
+            return out
+    return np.array(
+        [_vector(r, f"{where}[{i}][1]", num_groups) for i, r in enumerate(rows)], dtype=np.float64
+    ).reshape(len(rows), num_groups)
+
+
 def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     """The saved ``identity``, checked for the fields and types it is compared on."""
     identity = _field(obj, "identity", "", Mapping)
@@ -974,33 +990,42 @@ def _check_state(
     entries = _field(obj, "schedule", "", list)
     if not entries:
         raise MixtureStateError("state field schedule is empty; it must start at batch 0")
-    schedule = WeightSchedule(past=past)
+    starts: list[int] = []
+    rows: list[Any] = []
     previous = -1
     for i, entry in enumerate(entries):
-        where = f"schedule[{i}]"
-        if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
-            raise MixtureStateError(f"state field {where} must be [batch, weights]")
-        start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
+        if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
+            start = entry[0]  # the usual case; the range is checked with the order below
+        else:
+            start = -1
+        if not 0 <= start <= MAX_BATCH:
+            where = f"schedule[{i}]"
+            if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
+                raise MixtureStateError(f"state field {where} must be [batch, weights]")
+            start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
         if i == 0 and past.empty and start != 0:
-            raise MixtureStateError(f"state field {where} starts at batch {start}, not 0")
+            raise MixtureStateError(f"state field schedule[0] starts at batch {start}, not 0")
         if i == 0 and not past.empty and not 0 < start <= batch:
             raise MixtureStateError(
-                f"state field {where} starts at batch {start}: after {past.entries} compacted "
+                f"state field schedule[0] starts at batch {start}: after {past.entries} compacted "
                 f"entries the first kept one must start after 0 and at or before plan.batch "
                 f"{batch} (it is the one in force there)"
             )
         if i and start <= previous:
             raise MixtureStateError(
-                f"state field {where} is at batch {start}, not after {previous}: "
+                f"state field schedule[{i}] is at batch {start}, not after {previous}: "
                 "schedule batches must be strictly increasing"
             )
-        weights = _vector(entry[1], f"{where}[1]", num_groups)
-        if not math.isclose(weights.sum(), 1.0, rel_tol=1e-6):
-            raise MixtureStateError(
-                f"state field {where}[1] sums to {weights.sum():.6g}; saved weights sum to 1"
-            )
-        schedule.set(start, weights)
+        starts.append(start)
+        rows.append(entry[1])
         previous = start
+    weights = _matrix(rows, "schedule", num_groups)
+    sums = weights.sum(axis=1)
+    for i in np.flatnonzero(np.abs(sums - 1.0) > 1e-6 * np.maximum(np.abs(sums), 1.0))[:1]:
+        raise MixtureStateError(
+            f"state field schedule[{i}][1] sums to {sums[i]:.6g}; saved weights sum to 1"
+        )
+    schedule = WeightSchedule.from_arrays(np.asarray(starts, dtype=np.int64), weights, past)
     if not past.empty:
         covered = float(np.sum(past.weight_batches)) if past.weight_batches is not None else 0.0
         first = schedule.first_batch

@@ -125,6 +125,10 @@ class WeightSchedule:
         """The kept entries as ``(effective_batch, weights)`` (copies), ascending."""
         return [(int(self._starts[i]), self._weights[i].copy()) for i in range(self._n)]
 
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(effective batches, weights)`` of the kept entries, as arrays (copies)."""
+        return self._starts[: self._n].copy(), self._weights[: self._n].copy()
+
     @property
     def first_batch(self) -> int:
         """Effective batch of the first kept entry (0 unless compacted)."""
@@ -252,6 +256,33 @@ class WeightSchedule:
 
     def to_list(self) -> list[list]:
         return [[int(self._starts[i]), self._weights[i].tolist()] for i in range(self._n)]
+
+    @classmethod
+    def from_arrays(
+        cls, starts: np.ndarray, weights: np.ndarray, past: SchedulePast | None = None
+    ) -> WeightSchedule:
+        """A schedule of strictly increasing ``starts`` (one row of ``weights`` each), built
+        at once: the same sums and digests as setting the entries one by one."""
+        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        weights = np.asarray(weights, dtype=np.float64).reshape(len(starts), -1)
+        if len(starts) > 1 and not (np.diff(starts) > 0).all():
+            raise ValueError("schedule batches must be strictly increasing")
+        out = cls(past=past)
+        n, m = weights.shape
+        if not n:
+            return out
+        out._starts, out._weights = starts.copy(), weights.copy()
+        steps = np.empty((n, m))
+        steps[0] = 0.0 if out.past.weight_batches is None else out.past.weight_batches
+        steps[1:] = np.diff(starts)[:, None] * weights[:-1]
+        out._sums = np.add.accumulate(steps, axis=0)  # sequential: as set() would add them
+        out._digests = np.empty((n, _DIGEST_SIZE), dtype=np.uint8)
+        digest = out.past.digest
+        for i in range(n):
+            digest = _chain(digest, int(starts[i]), weights[i])
+            out._digests[i] = np.frombuffer(digest, dtype=np.uint8)
+        out._n = n
+        return out
 
     @classmethod
     def from_list(cls, data: list, past: SchedulePast | None = None) -> WeightSchedule:
