@@ -748,12 +748,9 @@ class DynamicStreamingDataset(StreamingDataset):
         self._lookahead[moving] = target[moving]
         if not (states == _REMOTE_SHARD).any():
             return  # every shard is local: nothing to start
-        upcoming = [
-            self.plan.group_positions(g, s, t - s)
-            for g, s, t in zip(
-                moving.tolist(), start[moving].tolist(), target[moving].tolist(), strict=True
-            )
-        ]
+        upcoming = self.plan.positions_many(
+            moving.tolist(), start[moving].tolist(), (target - start)[moving].tolist()
+        )
         ahead_shards = np.unique(self._shards_of(np.concatenate(upcoming)))
         for s in ahead_shards[states[ahead_shards] == _REMOTE_SHARD].tolist():
             pool.submit(self.prepare_shard, s, False)

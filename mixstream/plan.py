@@ -25,15 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixstream.apportion import advance_targets, allocate
-from mixstream.permutation import BlockShuffle, shuffled_order
+from mixstream.permutation import BlockShuffle, map_many, shuffled_order
 from mixstream.weights import WeightSchedule
 
 __all__ = ["BatchDraw", "MixturePlan", "PlanState"]
 
 _LAYOUT_STREAM = 1 << 20  # permutation stream id for in-batch layouts, apart from group ids
 _CHUNK = 4096  # group positions are mapped to sample ids a chunk at a time, and cached
-_CHUNK_MIN = 128
-_CHUNK_BUDGET = 1 << 20  # positions cached per chunk generation, over all groups
+_CHUNK_MIN = 64
+_CHUNK_BUDGET = 1 << 16  # positions in one chunk of every group (above _CHUNK_MIN each)
 
 
 @dataclass(frozen=True)
@@ -92,8 +92,10 @@ class MixturePlan:
         self.block_size = int(block_size)
         self._passes: dict[tuple[int, int], BlockShuffle] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
-        # Chunk sizes (powers of two): 4096 positions for few groups, smaller for many so the
-        # cache stays O(_CHUNK_BUDGET) whatever the number of groups, never longer than a pass.
+        # Chunk sizes (powers of two): 4096 positions for few groups, fewer for many (64 from
+        # 1,024 groups on), and never much longer than a pass. Missing chunks of a batch are
+        # computed together, so small chunks cost no more calls; large ones would compute
+        # (and hold) positions a rarely drawn group needs thousands of batches later.
         per_group = max(_CHUNK_MIN, min(_CHUNK, _CHUNK_BUDGET // len(self.group_sizes)))
         self._chunk_sizes = [
             max(_CHUNK_MIN, min(1 << (per_group.bit_length() - 1), 1 << (n - 1).bit_length()))
@@ -164,27 +166,57 @@ class MixturePlan:
             done += take
         return out
 
+    def positions_many(
+        self, groups: Sequence[int], starts: Sequence[int], counts: Sequence[int]
+    ) -> list[np.ndarray]:
+        """:meth:`group_positions` for several groups, their missing chunks computed together."""
+        self._fill(list(zip(groups, starts, counts, strict=True)))
+        return [
+            self.group_positions(g, s, n) for g, s, n in zip(groups, starts, counts, strict=True)
+        ]
+
+    def _fill(self, spans: list[tuple[int, int, int]]) -> None:
+        """Compute the missing chunks of ``(group, start, count)`` spans in one evaluation."""
+        missing = []
+        for g, start, count in spans:
+            if count <= 0:
+                continue
+            width = self._chunk_sizes[g]
+            for index in range(start // width, (start + count - 1) // width + 1):
+                if (g, index) not in self._chunks:
+                    missing.append((g, index))
+        if missing:
+            self._compute(list(dict.fromkeys(missing)))
+
     def _chunk(self, group: int, index: int) -> np.ndarray:
-        key = (group, index)
-        chunk = self._chunks.get(key)
+        chunk = self._chunks.get((group, index))
         if chunk is None:
-            size = self.group_sizes[group]
-            width = self._chunk_sizes[group]
-            positions = np.arange(index * width, (index + 1) * width, dtype=np.int64)
+            chunk = self._compute([(group, index)])[0]
+        return chunk
+
+    def _compute(self, keys: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Chunks ``(group, index)``: all their passes' permutations evaluated together
+        (:func:`~mixstream.permutation.map_many`), which costs about what one chunk costs."""
+        perms, positions, parts = [], [], []
+        chunks = []
+        for g, index in keys:
+            size, width = self.group_sizes[g], self._chunk_sizes[g]
+            lo, hi = index * width, (index + 1) * width
             chunk = np.empty(width, dtype=np.int64)
-            epochs = positions // size
-            first, last = int(epochs[0]), int(epochs[-1])
-            for epoch in range(first, last + 1):
-                if first == last:
-                    chunk[:] = self._pass(group, epoch)(positions - epoch * size)
-                    break
-                mask = epochs == epoch
-                chunk[mask] = self._pass(group, epoch)(positions[mask] - epoch * size)
-            chunk += self.offsets[group]
-            if len(self._chunks) >= 4 * self.num_groups + 8:
+            chunks.append(chunk)
+            for epoch in range(lo // size, (hi - 1) // size + 1):
+                a, b = max(lo, epoch * size), min(hi, (epoch + 1) * size)
+                perms.append(self._pass(g, epoch))
+                positions.append(np.arange(a - epoch * size, b - epoch * size, dtype=np.int64))
+                parts.append((chunk, a - lo, b - lo, self.offsets[g]))
+        for (chunk, a, b, offset), ids in zip(parts, map_many(perms, positions), strict=True):
+            chunk[a:b] = ids + offset
+        limit = 4 * self.num_groups + 8
+        for key, chunk in zip(keys, chunks, strict=True):
+            if len(self._chunks) >= limit:
                 del self._chunks[next(iter(self._chunks))]  # oldest first
             self._chunks[key] = chunk
-        return chunk
+        return chunks
 
     def layout(self, draw: BatchDraw, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, group ids) for positions ``[lo, hi)`` of a drawn global batch."""
@@ -207,6 +239,7 @@ class MixturePlan:
         ends = [*cuts.tolist(), len(order)]
         ids = np.empty(len(slots), dtype=np.int64)
         cursors = draw.cursors
+        runs = []
         for a, b in zip(begins, ends, strict=True):
             if a == b:
                 continue
@@ -214,6 +247,9 @@ class MixturePlan:
             g = int(sorted_groups[a])
             pos = within[members]
             first = int(pos.min())
-            span = self.group_positions(g, cursors[g] + first, int(pos.max()) - first + 1)
+            runs.append((members, g, pos, first, int(pos.max()) - first + 1))
+        self._fill([(g, cursors[g] + first, count) for _, g, _, first, count in runs])
+        for members, g, pos, first, count in runs:
+            span = self.group_positions(g, cursors[g] + first, count)
             ids[members] = span[pos - first]
         return ids, groups
