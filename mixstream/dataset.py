@@ -313,6 +313,10 @@ class DynamicStreamingDataset(StreamingDataset):
         """
         return [(b, self._as_dict(w)) for b, w in self._schedule.entries]
 
+    def weights_at(self, batch: int) -> np.ndarray:
+        """The weight vector in force at global ``batch`` (O(groups), no schedule copy)."""
+        return self._schedule.at(batch)
+
     @property
     def weight_schedule(self) -> WeightSchedule:
         """A copy of the schedule as a :class:`~mixstream.weights.WeightSchedule` (vectors)."""
