@@ -15,6 +15,13 @@ bound (an adversary who moves weight onto groups that just missed a slot forces 
 over 1); empirically the gap then stays below 2, and tests pin both properties.
 
 Groups with weight 0 are never drawn, even if an earlier deficit is outstanding.
+
+Cost. Followed literally the rule costs O(groups) per slot, O(batch x groups) per batch:
+0.35 s per batch of 512 with 1,000 groups. :func:`allocate` gives the same answer, bit for
+bit, by examining only a short list of candidates per run of ``W`` slots (see
+:func:`_shortlist`): O(groups) vectorized work per run plus O(W) candidates per slot, about
+100x less at 1,000 groups. Below ``_SHORTLIST_MIN`` groups with positive weight the literal
+loop is faster and is used.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ import numpy as np
 
 __all__ = ["advance_targets", "allocate"]
 
+_SHORTLIST_MIN = 64  # groups with positive weight from which the shortlist pays off
+
 
 def allocate(
     targets: Sequence[float], counts: Sequence[int], weights: Sequence[float], batch_size: int
@@ -34,31 +43,104 @@ def allocate(
     Pure and deterministic: every rank and worker computing the same inputs gets the same
     answer, with ties going to the lower group index.
     """
-    w = [float(x) for x in weights]
-    t0 = [float(x) for x in targets]
-    c = [int(x) for x in counts]
-    n = [0] * len(w)
+    w = weights.tolist() if isinstance(weights, np.ndarray) else [float(x) for x in weights]
     active = [g for g, x in enumerate(w) if x > 0.0]
     if not active:
         raise ValueError("no group has a positive weight")
-    for slot in range(1, batch_size + 1):
+    if len(active) < _SHORTLIST_MIN:
+        t0 = targets.tolist() if isinstance(targets, np.ndarray) else list(targets)
+        c0 = counts.tolist() if isinstance(counts, np.ndarray) else list(counts)
+        have = [int(c0[g]) for g in active]
+        _slots([float(t0[g]) for g in active], [w[g] for g in active], have, 1, batch_size, True)
+        n = [0] * len(w)
+        for i, g in enumerate(active):
+            n[g] = have[i] - int(c0[g])
+        return n
+    idx = np.asarray(active, dtype=np.int64)
+    c0_arr = np.asarray(counts, dtype=np.int64).reshape(-1)[idx]
+    t0_arr = np.asarray(targets, dtype=np.float64).reshape(-1)[idx]
+    w_arr = np.asarray(w, dtype=np.float64)[idx]
+    out = np.zeros(len(w), dtype=np.int64)
+    out[idx] = _shortlist(t0_arr, c0_arr, w_arr, int(batch_size)) - c0_arr
+    return out.tolist()
+
+
+def _slots(
+    t0: list[float], w: list[float], have: list[int], first: int, last: int, exact: bool
+) -> bool:
+    """Slots ``first..last`` of the rule over the given groups; ``have`` is updated in place.
+
+    With ``exact`` the groups are all groups with positive weight and a slot nobody is
+    eligible for goes to the best ineligible one, as the rule says; otherwise (a shortlist)
+    such a slot returns False so the caller can redo the run with every group.
+    """
+    groups = range(len(w))
+    for slot in range(first, last + 1):
         best, best_priority = -1, -1.0
         fallback, fallback_priority = -1, -1.0
-        for g in active:
+        for g in groups:
             target = t0[g] + slot * w[g]
-            have = c[g] + n[g]
-            priority = target / (have + 1)
-            if have < target:
+            h = have[g]
+            priority = target / (h + 1)
+            if h < target:
                 if priority > best_priority:
                     best, best_priority = g, priority
             elif priority > fallback_priority:
                 fallback, fallback_priority = g, priority
-        n[best if best >= 0 else fallback] += 1
-    return n
+        if best < 0:
+            if not exact:
+                return False
+            best = fallback
+        have[best] += 1
+    return True
+
+
+def _shortlist(t0: np.ndarray, c0: np.ndarray, w: np.ndarray, batch_size: int) -> np.ndarray:
+    """The rule over groups with positive weight, run of ``W`` slots by run; returns counts.
+
+    Why a shortlist is exact. At the first slot ``s`` of a run, let ``thr`` be the W-th
+    largest priority among eligible groups. Within the run at most ``W - 1`` slots are given
+    before any of its slots, so one of those W groups is untouched: still eligible (its
+    target only grew) with a priority still >= ``thr``. A group whose priority at the run's
+    *last* slot, at its count at the run's start, is below ``thr`` therefore never wins a
+    slot of the run (priorities grow with the slot and fall with the count). Simulating the
+    run over the others, in index order with the same float expressions, picks the same
+    group at every slot, ties included. With fewer than W eligible groups the run is
+    simulated over every group.
+    """
+    m = w.size
+    run = 8 if m < 4096 else 16
+    have = c0.copy()
+    t_list, w_list = t0.tolist(), w.tolist()
+    s = 1
+    while s <= batch_size:
+        e = min(batch_size, s + run - 1)
+        width = e - s + 1
+        at_start = t0 + s * w  # the same float expression as in _slots
+        k = (have + 1).astype(np.float64)
+        eligible = have < at_start
+        n_eligible = int(np.count_nonzero(eligible))
+        cand = None
+        if n_eligible >= width:
+            priority = at_start[eligible] / k[eligible]
+            thr = np.partition(priority, n_eligible - width)[n_eligible - width]
+            cand = np.flatnonzero((t0 + e * w) / k >= thr)
+        if cand is not None and cand.size < m:
+            idx = cand.tolist()
+            sub = have[cand].tolist()
+            if _slots([t_list[i] for i in idx], [w_list[i] for i in idx], sub, s, e, False):
+                have[cand] = sub
+                s = e + 1
+                continue
+            # Cannot happen (see above); were it to, the run is redone with every group.
+        full = have.tolist()
+        _slots(t_list, w_list, full, s, e, exact=True)
+        have = np.asarray(full, dtype=np.int64)
+        s = e + 1
+    return have
 
 
 def advance_targets(targets: np.ndarray, weights: np.ndarray, batch_size: int) -> np.ndarray:
     """Targets after one batch, computed exactly as :func:`allocate` sees its last slot."""
-    return np.array(
-        [float(t) + batch_size * float(x) for t, x in zip(targets, weights, strict=True)]
-    )
+    t = np.asarray(targets, dtype=np.float64)
+    return t + batch_size * np.asarray(weights, dtype=np.float64)

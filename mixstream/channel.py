@@ -11,6 +11,12 @@ then bumps the record count; readers replay new records into their own
 :class:`~mixstream.weights.WeightSchedule`. The *horizon* is the first global batch whose
 weights are not yet final; a worker asked for a batch at or past it waits.
 
+The ring holds ``capacity`` records of ``1 + groups`` float64 each: 4,096 records, or fewer
+for many groups so that a segment stays within ``BUDGET_BYTES`` (16 MiB; at least 256
+records). A reader syncs before planning every batch, so it only falls behind by the updates
+published while it plans one batch (Aioli publishes a round's ``lp_rounds * groups + 1``
+sweep mixtures at once; 1,000 groups still fit).
+
 Segments are named ``mixstream-<pid>-<start time>-<random>``: unique per dataset object, so
 two datasets in a process or two jobs on a node never collide. A segment whose creator
 process is gone (a crashed run) is unlinked when the next channel is created; a live
@@ -31,12 +37,23 @@ import numpy as np
 from mixstream.sharedmem import process_alive, process_start_time
 from mixstream.weights import WeightSchedule
 
-__all__ = ["UNBOUNDED", "ScheduleChannel", "reclaim_stale_segments"]
+__all__ = ["UNBOUNDED", "ScheduleChannel", "default_capacity", "reclaim_stale_segments"]
 
 PREFIX = "mixstream-"
 MAGIC = 0x4D49585354524D31  # "MIXSTRM1"
 UNBOUNDED = -1
 _HEADER = 8  # int64 slots: magic, groups, capacity, horizon, records, pid, start, started
+BUDGET_BYTES = 16 << 20  # the ring's size for many groups
+MAX_RECORDS = 4096
+MIN_RECORDS = 256
+
+
+def default_capacity(num_groups: int) -> int:
+    """Records in the ring for ``num_groups`` groups (see the module docstring)."""
+    fit = BUDGET_BYTES // (8 * (1 + max(1, int(num_groups))))
+    return max(MIN_RECORDS, min(MAX_RECORDS, fit))
+
+
 _SHM_DIR = Path("/dev/shm")
 
 
@@ -61,17 +78,17 @@ def reclaim_stale_segments() -> list[str]:
 class ScheduleChannel:
     """One writer (trainer process), many readers (its dataloader workers)."""
 
-    def __init__(self, num_groups: int, capacity: int = 4096) -> None:
+    def __init__(self, num_groups: int, capacity: int | None = None) -> None:
         reclaim_stale_segments()
         pid, start = os.getpid(), process_start_time(os.getpid())
         self.name = f"{PREFIX}{pid}-{start}-{uuid.uuid4().hex[:12]}"
         self.num_groups = int(num_groups)
-        self.capacity = int(capacity)
+        self.capacity = default_capacity(num_groups) if capacity is None else int(capacity)
         size = 8 * (_HEADER + self.capacity * (1 + self.num_groups))
         self._shm: SharedMemory | None = SharedMemory(name=self.name, create=True, size=size)
         self._owner_pid = pid
         self._bind()
-        self._header[:] = [MAGIC, num_groups, capacity, UNBOUNDED, 0, pid, start, 0]
+        self._header[:] = [MAGIC, num_groups, self.capacity, UNBOUNDED, 0, pid, start, 0]
         self._read = 0
 
     def _bind(self) -> None:
@@ -123,6 +140,19 @@ class ScheduleChannel:
         self._header[4] = n + 1
         self._read = n + 1  # the writer's own schedule already holds what it publishes
 
+    def publish_many(self, batches: np.ndarray, weights: np.ndarray) -> None:
+        """:meth:`publish` each ``(batches[i], weights[i])`` in order, in one write."""
+        self._attach()
+        n, k = int(self._header[4]), len(batches)
+        if not k:
+            return
+        first = max(0, k - self.capacity)  # a burst longer than the ring: its tail remains
+        rows = (n + np.arange(first, k)) % self.capacity
+        self._records[rows, 0] = np.asarray(batches[first:], dtype=np.float64)
+        self._records[rows, 1:] = weights[first:]
+        self._header[4] = n + k
+        self._read = n + k
+
     def set_horizon(self, batch: int) -> None:
         self._attach()
         self._header[3] = int(batch)
@@ -154,7 +184,8 @@ class ScheduleChannel:
         if n - self._read > self.capacity:
             raise RuntimeError(
                 f"a dataloader worker fell {n - self._read} weight updates behind, more than "
-                f"the channel holds ({self.capacity}); updates are coming faster than batches"
+                f"the channel holds ({self.capacity} for {self.num_groups} groups); updates "
+                "are coming faster than batches: make fewer set_weights calls per step"
             )
         applied = []
         for i in range(self._read, n):

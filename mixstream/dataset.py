@@ -46,16 +46,26 @@ from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
 from mixstream.shardindex import ShardIndexError, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
-from mixstream.weights import Weights, WeightSchedule, normalize_weights
+from mixstream.weights import SchedulePast, Weights, WeightSchedule, normalize_weights
 
 __all__ = ["DynamicStreamingDataset", "MixtureStateError"]
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: compacted schedule (schedule_past, schedule_digest); 1 still loads
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _download_lock = threading.Lock()
 MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
 _KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
+_HISTORY_FLOATS = 1 << 16  # weights of past schedule entries kept in memory and in a state
+_HISTORY_ENTRIES = 1024
+
+
+def history_entries(num_groups: int) -> int:
+    """Past schedule entries a dataset keeps (in memory and in its state) before the current
+    step: at most 1,024 and at most 65,536 weights' worth, at least 1. Older ones are
+    summarized by their count, digest and weight sum (:class:`~mixstream.weights.SchedulePast`).
+    """
+    return max(1, min(_HISTORY_ENTRIES, _HISTORY_FLOATS // max(1, num_groups)))
 
 
 class MixtureStateError(ValueError):
@@ -251,6 +261,8 @@ class DynamicStreamingDataset(StreamingDataset):
         # the nearest earlier one. Only states consistent with the current schedule are kept.
         self._known: dict[int, PlanState] = {0: PlanState.initial(len(names))}
         self._resume: _Resume | None = None
+        self._history = history_entries(len(names))
+        self._iter_batch: int | None = None  # where an iterator in this process is planning
         self._creator_pid = os.getpid()
         self._publish_horizon()
 
@@ -266,13 +278,23 @@ class DynamicStreamingDataset(StreamingDataset):
 
     @property
     def schedule(self) -> list[tuple[int, dict[str, float]]]:
-        """Every weight change so far, as ``(effective global batch, weights)``."""
+        """The weight changes kept, as ``(effective global batch, weights)``.
+
+        Every change from the one in force at the trainer's step on, and the
+        :func:`history_entries` changes before it (all of them in runs with fewer updates);
+        older ones are summarized in ``weight_schedule.past`` (their count, digest and
+        weight sum, so ``weight_schedule.average`` stays exact).
+        """
         return [(b, self._as_dict(w)) for b, w in self._schedule.entries]
+
+    def weights_at(self, batch: int) -> np.ndarray:
+        """The weight vector in force at global ``batch`` (O(groups), no schedule copy)."""
+        return self._schedule.at(batch)
 
     @property
     def weight_schedule(self) -> WeightSchedule:
         """A copy of the schedule as a :class:`~mixstream.weights.WeightSchedule` (vectors)."""
-        return WeightSchedule([(b, w.copy()) for b, w in self._schedule.entries])
+        return self._schedule.copy()
 
     @property
     def realized_counts(self) -> dict[str, int]:
@@ -285,7 +307,15 @@ class DynamicStreamingDataset(StreamingDataset):
         candidates = list(self._known.values())
         if self._resume is not None:
             candidates.append(self._resume.state)
-        return max((s for s in candidates if s.batch <= batch), key=lambda s: s.batch)
+        usable = [s for s in candidates if s.batch <= batch and self._schedule.covers(s.batch)]
+        if not usable:
+            raise ValueError(
+                f"cannot plan global batch {batch}: it precedes every plan state kept (the "
+                f"weight schedule keeps the last {self._history} changes before the current "
+                f"step, from batch {self._schedule.first_batch}); save and query states at "
+                "the trainer's current step"
+            )
+        return max(usable, key=lambda s: s.batch)
 
     def _remember(self, state: PlanState) -> None:
         self._known[state.batch] = state
@@ -308,6 +338,20 @@ class DynamicStreamingDataset(StreamingDataset):
         for b in [b for b in self._known if b > batch]:
             del self._known[b]
 
+    def _catch_up(self) -> None:
+        """Plan up to the trainer's announced step and compact the schedule behind it.
+
+        One allocation per announced step (what every worker computes per batch anyway), so
+        :meth:`state_dict` at the current step costs O(groups), not a replay of every step
+        since the last one. Schedule entries older than the :func:`history_entries` before
+        the one in force at the step go into the schedule's summary (amortized O(1)).
+        """
+        self._plan_state(self._step)
+        floor = self._step if self._iter_batch is None else min(self._step, self._iter_batch)
+        if self._schedule.compact(floor, self._history):
+            for b in [b for b in self._known if not self._schedule.covers(b)]:
+                del self._known[b]
+
     def _as_dict(self, vec: np.ndarray) -> dict[str, float]:
         return {g: float(x) for g, x in zip(self.group_names, vec, strict=True)}
 
@@ -324,9 +368,14 @@ class DynamicStreamingDataset(StreamingDataset):
         return step
 
     def advance(self, step: int) -> None:
-        """Announce that the trainer has consumed ``step`` global batches (lockstep pacing)."""
+        """Announce that the trainer has consumed ``step`` global batches.
+
+        Paces lockstep workers, and keeps :meth:`state_dict` O(groups): the plan is advanced
+        here, one step at a time, instead of being replayed when a checkpoint is saved.
+        """
         self._step = self._check_step(step)
         self._publish_horizon()
+        self._catch_up()
 
     def set_weights(self, weights: Weights, step: int, effective_step: int | None = None) -> int:
         """Use ``weights`` from global batch ``step + update_lag`` (or a later ``effective_step``).
@@ -366,14 +415,20 @@ class DynamicStreamingDataset(StreamingDataset):
         self._channel.publish(effective, vec)
         self._step = step
         self._publish_horizon()
+        self._catch_up()
         return effective
 
     # ------------------------------------------------------------------ resumption
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """What is needed to continue exactly (Composer's signature; ``num_samples`` is global).
 
-        O(groups + updates): the plan position is a few numbers per group, whatever the
-        position in the run.
+        O(groups x kept schedule entries), whatever the position in the run: the plan state
+        at the checkpoint (two numbers per group; with :meth:`advance` or
+        :meth:`set_weights` called every step it is already computed), the schedule entry
+        in force there and every later one (updates still pending included), the
+        :func:`history_entries` before it, and a summary of all earlier ones
+        (``schedule_past``: their count, chained digest and weight sum). ``schedule_digest``
+        is the digest of the whole schedule, compacted part included.
         """
         if num_samples % self.global_batch_size:
             log.warning(
@@ -384,12 +439,20 @@ class DynamicStreamingDataset(StreamingDataset):
             )
         batch = self._batch_for(num_samples, from_beginning)
         state = self._plan_state(batch)
+        saved = self._schedule.tail(batch, self._history)
+        past = saved.past.weight_batches
         return {
             "version": STATE_VERSION,
             "epoch": batch // self.batches_per_epoch,
             "sample_in_epoch": (batch % self.batches_per_epoch) * self.global_batch_size,
             "plan": state.to_dict(),
-            "schedule": self._schedule.to_list(),
+            "schedule": saved.to_list(),
+            "schedule_past": {
+                "entries": saved.past.entries,
+                "digest": saved.past.digest.hex(),
+                "weight_batches": [0.0] * self.plan.num_groups if past is None else past.tolist(),
+            },
+            "schedule_digest": saved.digest.hex(),
             "identity": self._identity(),
             "update_lag": self.update_lag,
         }
@@ -438,7 +501,7 @@ class DynamicStreamingDataset(StreamingDataset):
         may be truncated, edited or from elsewhere, and a wrong count or weight would not
         fail later, it would silently change the sample order.
         """
-        if not isinstance(obj, Mapping) or obj.get("version") != STATE_VERSION:
+        if not isinstance(obj, Mapping) or obj.get("version") not in (1, STATE_VERSION):
             raise MixtureStateError(
                 "not a DynamicStreamingDataset state (or from another mixstream version); "
                 "was it saved by plain StreamingDataset?"
@@ -468,8 +531,7 @@ class DynamicStreamingDataset(StreamingDataset):
             obj, self.plan.num_groups, self.global_batch_size, self.batches_per_epoch
         )
         self._schedule = schedule
-        for batch, vec in self._schedule.entries:
-            self._channel.publish(batch, vec)
+        self._channel.publish_many(*schedule.arrays())
         if update_lag is not None and update_lag > self.update_lag:
             log.warning(
                 "resuming with update_lag %d, smaller than the saved %d",
@@ -478,8 +540,11 @@ class DynamicStreamingDataset(StreamingDataset):
             )
         self._resume = _Resume(state.batch // self.batches_per_epoch, state)
         self._known = {0: PlanState.initial(self.plan.num_groups)}
+        if not self._schedule.covers(0):
+            self._known = {}
         self._step = state.batch
         self._publish_horizon()
+        self._catch_up()
 
     # ------------------------------------------------------------------ worker side
     def _begin_epoch(self) -> tuple[int, PlanState]:
@@ -558,19 +623,22 @@ class DynamicStreamingDataset(StreamingDataset):
             )
         self._channel.mark_started()
         self._planned_through = -1
-        self._lookahead: dict[int, int] = {}
+        self._group_sizes = np.asarray(self.plan.group_sizes, dtype=np.int64)
+        self._lookahead = np.zeros(self.plan.num_groups, dtype=np.int64)
         epoch, state = self._begin_epoch()
         self._planned_through = state.batch - 1
         end = (epoch + 1) * self.batches_per_epoch
         rank = self._parallel_rank_world.rank
         lo, hi = rank * self.device_batch_size, (rank + 1) * self.device_batch_size
         first = state.batch
+        here = os.getpid() == self._creator_pid  # iterating in the trainer's own process
         pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mixstream-prefetch")
         try:
             while state.batch < end:
                 self._wait_final(state.batch)
                 draw, state = self.plan.step(state, self._schedule)
                 self._planned_through = draw.batch
+                self._keep_plan(state, here)
                 if (draw.batch - first) % workers_per_rank != worker.worker_of_rank:
                     continue
                 ids, groups = self.plan.layout(draw, lo, hi)
@@ -581,6 +649,22 @@ class DynamicStreamingDataset(StreamingDataset):
             # Let downloads already running finish: a shard left in the PREPARING state by an
             # exiting worker would block every other worker that needs it, forever.
             pool.shutdown(wait=True, cancel_futures=True)
+            if here:
+                self._iter_batch = None
+
+    def _keep_plan(self, state: PlanState, here: bool) -> None:
+        """Remember the state the iterator reached, and compact the schedule behind it.
+
+        In the trainer's process (0 workers) the trainer's :meth:`advance` then finds the
+        state already planned; a worker keeps its own copy of the schedule bounded (it never
+        plans before where it is) and starts a next epoch (persistent workers) from here.
+        """
+        self._remember(state)
+        if here:
+            self._iter_batch = state.batch
+        elif self._schedule.compact(state.batch, self._history):
+            for b in [b for b in self._known if not self._schedule.covers(b)]:
+                del self._known[b]
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's, plus: a failed download returns the shard to REMOTE, and downloads
@@ -626,24 +710,32 @@ class DynamicStreamingDataset(StreamingDataset):
         never guesses the mixture; only how far ahead it looks scales with the weights. Each
         group's positions are examined once: ``_lookahead`` remembers how far we got.
         """
-        states = self._shard_states
-        needed = [int(s) for s in np.unique(self._shards_of(ids)) if states[s] == _REMOTE_SHARD]
+        states = self._shard_states.numpy()
+        shards = np.unique(self._shards_of(ids))
+        needed = shards[states[shards] == _REMOTE_SHARD].tolist()
         if needed:
             wait([pool.submit(self.prepare_shard, s) for s in needed])
+        # Vectorized over groups: only groups whose horizon moved (about those drawn in this
+        # batch) are looked at one by one, so the cost per batch is O(groups) in numpy and
+        # O(groups drawn) in Python.
         weights = self._schedule.at(after.batch)
         budget = self.predownload or 8 * self.device_batch_size
-        for g, w in enumerate(weights):
-            if w <= 0:
-                continue
-            target = after.counts[g] + min(self.plan.group_sizes[g], math.ceil(budget * w) + 1)
-            start = max(after.counts[g], self._lookahead.get(g, 0))
-            if target <= start:
-                continue
-            self._lookahead[g] = target
-            upcoming = self.plan.group_positions(g, start, target - start)
-            for s in np.unique(self._shards_of(upcoming)):
-                if states[int(s)] == _REMOTE_SHARD:
-                    pool.submit(self.prepare_shard, int(s), False)
+        counts = np.asarray(after.counts, dtype=np.int64)
+        ahead = np.minimum(self._group_sizes, np.ceil(budget * weights).astype(np.int64) + 1)
+        target = counts + ahead
+        start = np.maximum(counts, self._lookahead)
+        moving = np.flatnonzero((weights > 0) & (target > start))
+        if not moving.size:
+            return
+        self._lookahead[moving] = target[moving]
+        if not (states == _REMOTE_SHARD).any():
+            return  # every shard is local: nothing to start
+        upcoming = self.plan.positions_many(
+            moving.tolist(), start[moving].tolist(), (target - start)[moving].tolist()
+        )
+        ahead_shards = np.unique(self._shards_of(np.concatenate(upcoming)))
+        for s in ahead_shards[states[ahead_shards] == _REMOTE_SHARD].tolist():
+            pool.submit(self.prepare_shard, s, False)
 
     def __getstate__(self) -> dict[str, Any]:
         # Spawned workers get a copy without the finalizer: only the creating process (which
@@ -721,6 +813,10 @@ def _count_of(value: Any, where: str) -> int:
 def _vector(value: Any, where: str, num_groups: int) -> np.ndarray:
     if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != num_groups:
         raise MixtureStateError(f"state field {where} must be a list of {num_groups} numbers")
+    if all(type(x) is float for x in value):  # the usual case, checked in numpy
+        vec = np.array(value, dtype=np.float64)
+        if np.isfinite(vec).all() and (vec >= 0).all():
+            return vec
     out = []
     for i, x in enumerate(value):
         if isinstance(x, bool) or not isinstance(x, numbers.Real) or not math.isfinite(x) or x < 0:
@@ -729,6 +825,23 @@ def _vector(value: Any, where: str, num_groups: int) -> np.ndarray:
             )
         out.append(float(x))
     return np.array(out, dtype=np.float64)
+
+
+def _matrix(rows: list[Any], where: str, num_groups: int) -> np.ndarray:
+    """``rows`` (each ``where[i][1]``) as a (rows, groups) array, checked like :func:`_vector`.
+
+    The usual case (lists of floats) is checked in numpy at once; anything else, row by row
+    for the message.
+    """
+    if all(
+        type(r) is list and len(r) == num_groups and all(type(x) is float for x in r) for r in rows
+    ):
+        out = np.array(rows, dtype=np.float64).reshape(len(rows), num_groups)
+        if np.isfinite(out).all() and (out >= 0).all():
+            return out
+    return np.array(
+        [_vector(r, f"{where}[{i}][1]", num_groups) for i, r in enumerate(rows)], dtype=np.float64
+    ).reshape(len(rows), num_groups)
 
 
 def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -749,12 +862,15 @@ def _check_state(
 ) -> tuple[PlanState, WeightSchedule, int | None]:
     """Parse a saved state, checking every field and how they agree with each other.
 
-    Beyond types and ranges: the schedule starts at batch 0 with strictly increasing batches
-    and weights that sum to 1; the counts sum to the samples of ``batch`` global batches; the
-    targets are what the schedule implies (computed in O(schedule), not by replaying it);
-    each count is within a batch of its target (the apportionment keeps them within about 2);
-    epoch and sample_in_epoch name the same batch. Every problem is a MixtureStateError
-    naming the field.
+    Beyond types and ranges: the schedule starts at batch 0 (or, compacted, after the
+    batches its ``schedule_past`` summarizes, and at or before ``plan.batch``) with strictly
+    increasing batches and weights that sum to 1; the counts sum to the samples of ``batch``
+    global batches; the targets are what the schedule implies (from the summary and the kept
+    entries, O(kept entries), not by replaying anything); each count is within a batch of its
+    target (the apportionment keeps them within about 2); epoch and sample_in_epoch name the
+    same batch; ``schedule_digest`` is the digest chained from ``schedule_past.digest``
+    through the kept entries. Every problem is a MixtureStateError naming the field.
+    Version 1 states (the whole schedule, no summary or digest) are read as uncompacted.
     """
     plan = _field(obj, "plan", "", Mapping)
     batch = _whole_batch(
@@ -771,33 +887,61 @@ def _check_state(
             f"{global_batch} hold {batch * global_batch} samples"
         )
 
+    past = _check_past(obj, num_groups)
     entries = _field(obj, "schedule", "", list)
     if not entries:
         raise MixtureStateError("state field schedule is empty; it must start at batch 0")
-    schedule = WeightSchedule()
+    starts: list[int] = []
+    rows: list[Any] = []
+    previous = -1
     for i, entry in enumerate(entries):
-        where = f"schedule[{i}]"
-        if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
-            raise MixtureStateError(f"state field {where} must be [batch, weights]")
-        start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
-        if i == 0 and start != 0:
-            raise MixtureStateError(f"state field {where} starts at batch {start}, not 0")
-        if i and start <= schedule.entries[-1][0]:
+        if type(entry) is list and len(entry) == 2 and type(entry[0]) is int:
+            start = entry[0]  # the usual case; the range is checked with the order below
+        else:
+            start = -1
+        if not 0 <= start <= MAX_BATCH:
+            where = f"schedule[{i}]"
+            if not isinstance(entry, Sequence) or isinstance(entry, str) or len(entry) != 2:
+                raise MixtureStateError(f"state field {where} must be [batch, weights]")
+            start = _whole_batch(entry[0], f"state field {where}[0]", MixtureStateError)
+        if i == 0 and past.empty and start != 0:
+            raise MixtureStateError(f"state field schedule[0] starts at batch {start}, not 0")
+        if i == 0 and not past.empty and not 0 < start <= batch:
             raise MixtureStateError(
-                f"state field {where} is at batch {start}, not after {schedule.entries[-1][0]}: "
+                f"state field schedule[0] starts at batch {start}: after {past.entries} compacted "
+                f"entries the first kept one must start after 0 and at or before plan.batch "
+                f"{batch} (it is the one in force there)"
+            )
+        if i and start <= previous:
+            raise MixtureStateError(
+                f"state field schedule[{i}] is at batch {start}, not after {previous}: "
                 "schedule batches must be strictly increasing"
             )
-        weights = _vector(entry[1], f"{where}[1]", num_groups)
-        if not math.isclose(weights.sum(), 1.0, rel_tol=1e-6):
+        starts.append(start)
+        rows.append(entry[1])
+        previous = start
+    weights = _matrix(rows, "schedule", num_groups)
+    sums = weights.sum(axis=1)
+    for i in np.flatnonzero(np.abs(sums - 1.0) > 1e-6 * np.maximum(np.abs(sums), 1.0))[:1]:
+        raise MixtureStateError(
+            f"state field schedule[{i}][1] sums to {sums[i]:.6g}; saved weights sum to 1"
+        )
+    schedule = WeightSchedule.from_arrays(np.asarray(starts, dtype=np.int64), weights, past)
+    if not past.empty:
+        covered = float(np.sum(past.weight_batches)) if past.weight_batches is not None else 0.0
+        first = schedule.first_batch
+        if abs(covered - first) > 1e-6 * max(1.0, first):
             raise MixtureStateError(
-                f"state field {where}[1] sums to {weights.sum():.6g}; saved weights sum to 1"
+                f"state field schedule_past.weight_batches sums to {covered:.6g}, but it "
+                f"summarizes the {first} batches before schedule[0] (weights sum to 1 per batch)"
             )
-        schedule.entries.append((start, weights))
 
-    expected = schedule.average(batch) * batch * global_batch
+    expected = schedule.weight_batches(batch) * global_batch
     tolerance = 1e-6 * max(1.0, batch * global_batch)
-    for g in range(num_groups):
-        if abs(targets[g] - expected[g]) > tolerance:
+    off_target = np.abs(targets - expected) > tolerance
+    off_count = np.abs(np.asarray(counts, dtype=np.float64) - targets) > global_batch + 2
+    for g in np.flatnonzero(off_target | off_count)[:1].tolist():  # the first, if any
+        if off_target[g]:
             raise MixtureStateError(
                 f"state field plan.targets[{g}] is {targets[g]:.6g}, but the schedule implies "
                 f"{expected[g]:.6g} after {batch} batches"
@@ -818,8 +962,50 @@ def _check_state(
     lag = obj.get("update_lag")
     if lag is not None:
         lag = _count_of(lag, "update_lag")
+    if obj.get("version") != 1:
+        digest = _field(obj, "schedule_digest", "", str)
+        if digest != schedule.digest.hex():
+            raise MixtureStateError(
+                f"state field schedule_digest {digest:.40} does not match the saved schedule "
+                f"({schedule.digest.hex()} chained from schedule_past.digest through its "
+                f"{len(entries)} entries): the state was edited or corrupted, or its parts come "
+                "from different checkpoints"
+            )
     state = PlanState(batch, tuple(float(t) for t in targets), tuple(counts))
     return state, schedule, lag
+
+
+def _check_past(obj: Mapping[str, Any], num_groups: int) -> SchedulePast:
+    """The saved ``schedule_past`` (required from version 2; version 1 has none)."""
+    if obj.get("version") == 1 and "schedule_past" not in obj:
+        return SchedulePast()
+    past = _field(obj, "schedule_past", "", Mapping)
+    entries = _count_of(
+        _field(past, "entries", "schedule_past", numbers.Integral), "schedule_past.entries"
+    )
+    text = _field(past, "digest", "schedule_past", str)
+    try:
+        digest = bytes.fromhex(text)
+    except ValueError:
+        digest = b""
+    if len(digest) != len(SchedulePast().digest):
+        raise MixtureStateError(
+            f"state field schedule_past.digest must be {2 * len(SchedulePast().digest)} hex "
+            f"digits, got {text!r:.60}"
+        )
+    sums = _vector(
+        _field(past, "weight_batches", "schedule_past", list),
+        "schedule_past.weight_batches",
+        num_groups,
+    )
+    if entries == 0:
+        if digest != SchedulePast().digest or sums.any():
+            raise MixtureStateError(
+                "state field schedule_past holds no entries but a digest or weight sum: "
+                "edited or corrupted"
+            )
+        return SchedulePast()
+    return SchedulePast(entries, digest, sums)
 
 
 class _CountedMDSReader(MDSReader):

@@ -25,13 +25,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixstream.apportion import advance_targets, allocate
-from mixstream.permutation import BlockShuffle, shuffled_order
+from mixstream.permutation import BlockShuffle, map_many, shuffled_order
 from mixstream.weights import WeightSchedule
 
 __all__ = ["BatchDraw", "MixturePlan", "PlanState"]
 
 _LAYOUT_STREAM = 1 << 20  # permutation stream id for in-batch layouts, apart from group ids
 _CHUNK = 4096  # group positions are mapped to sample ids a chunk at a time, and cached
+_CHUNK_MIN = 64
+_CHUNK_BUDGET = 1 << 16  # positions in one chunk of every group (above _CHUNK_MIN each)
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,15 @@ class MixturePlan:
         self.block_size = int(block_size)
         self._passes: dict[tuple[int, int], BlockShuffle] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
+        # Chunk sizes (powers of two): 4096 positions for few groups, fewer for many (64 from
+        # 1,024 groups on), and never much longer than a pass. Missing chunks of a batch are
+        # computed together, so small chunks cost no more calls; large ones would compute
+        # (and hold) positions a rarely drawn group needs thousands of batches later.
+        per_group = max(_CHUNK_MIN, min(_CHUNK, _CHUNK_BUDGET // len(self.group_sizes)))
+        self._chunk_sizes = [
+            max(_CHUNK_MIN, min(1 << (per_group.bit_length() - 1), 1 << (n - 1).bit_length()))
+            for n in self.group_sizes
+        ]
 
     @property
     def num_groups(self) -> int:
@@ -101,8 +112,11 @@ class MixturePlan:
         n = allocate(state.targets, state.counts, weights, self.global_batch_size)
         draw = BatchDraw(state.batch, tuple(n), state.counts)
         targets = advance_targets(np.asarray(state.targets), weights, self.global_batch_size)
-        counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
-        return draw, PlanState(state.batch + 1, tuple(float(t) for t in targets), counts)
+        if len(n) < 64:
+            counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
+        else:
+            counts = tuple((np.asarray(state.counts, dtype=np.int64) + n).tolist())
+        return draw, PlanState(state.batch + 1, tuple(targets.tolist()), counts)
 
     def advance(self, state: PlanState, schedule: WeightSchedule, batch: int) -> PlanState:
         """Step from ``state`` to just before global batch ``batch``."""
@@ -136,33 +150,73 @@ class MixturePlan:
         chunks of positions and cached: one vectorized permutation call per chunk instead of
         several small ones per batch.
         """
+        size = self._chunk_sizes[group]
+        offset = start % size
+        if offset + count <= size:  # the usual case: one chunk
+            chunk = self._chunk(group, start // size)
+            return chunk[offset : offset + count].copy()
         out = np.empty(count, dtype=np.int64)
         done = 0
         while done < count:
             pos = start + done
-            chunk = self._chunk(group, pos // _CHUNK)
-            offset = pos % _CHUNK
-            take = min(count - done, _CHUNK - offset)
+            chunk = self._chunk(group, pos // size)
+            offset = pos % size
+            take = min(count - done, size - offset)
             out[done : done + take] = chunk[offset : offset + take]
             done += take
         return out
 
+    def positions_many(
+        self, groups: Sequence[int], starts: Sequence[int], counts: Sequence[int]
+    ) -> list[np.ndarray]:
+        """:meth:`group_positions` for several groups, their missing chunks computed together."""
+        self._fill(list(zip(groups, starts, counts, strict=True)))
+        return [
+            self.group_positions(g, s, n) for g, s, n in zip(groups, starts, counts, strict=True)
+        ]
+
+    def _fill(self, spans: list[tuple[int, int, int]]) -> None:
+        """Compute the missing chunks of ``(group, start, count)`` spans in one evaluation."""
+        missing = []
+        for g, start, count in spans:
+            if count <= 0:
+                continue
+            width = self._chunk_sizes[g]
+            for index in range(start // width, (start + count - 1) // width + 1):
+                if (g, index) not in self._chunks:
+                    missing.append((g, index))
+        if missing:
+            self._compute(list(dict.fromkeys(missing)))
+
     def _chunk(self, group: int, index: int) -> np.ndarray:
-        key = (group, index)
-        chunk = self._chunks.get(key)
+        chunk = self._chunks.get((group, index))
         if chunk is None:
-            size = self.group_sizes[group]
-            positions = np.arange(index * _CHUNK, (index + 1) * _CHUNK, dtype=np.int64)
-            chunk = np.empty(_CHUNK, dtype=np.int64)
-            epochs = positions // size
-            for epoch in np.unique(epochs):
-                mask = epochs == epoch
-                chunk[mask] = self._pass(group, int(epoch))(positions[mask] - epoch * size)
-            chunk += self.offsets[group]
-            if len(self._chunks) >= 4 * self.num_groups + 8:
+            chunk = self._compute([(group, index)])[0]
+        return chunk
+
+    def _compute(self, keys: list[tuple[int, int]]) -> list[np.ndarray]:
+        """Chunks ``(group, index)``: all their passes' permutations evaluated together
+        (:func:`~mixstream.permutation.map_many`), which costs about what one chunk costs."""
+        perms, positions, parts = [], [], []
+        chunks = []
+        for g, index in keys:
+            size, width = self.group_sizes[g], self._chunk_sizes[g]
+            lo, hi = index * width, (index + 1) * width
+            chunk = np.empty(width, dtype=np.int64)
+            chunks.append(chunk)
+            for epoch in range(lo // size, (hi - 1) // size + 1):
+                a, b = max(lo, epoch * size), min(hi, (epoch + 1) * size)
+                perms.append(self._pass(g, epoch))
+                positions.append(np.arange(a - epoch * size, b - epoch * size, dtype=np.int64))
+                parts.append((chunk, a - lo, b - lo, self.offsets[g]))
+        for (chunk, a, b, offset), ids in zip(parts, map_many(perms, positions), strict=True):
+            chunk[a:b] = ids + offset
+        limit = 4 * self.num_groups + 8
+        for key, chunk in zip(keys, chunks, strict=True):
+            if len(self._chunks) >= limit:
                 del self._chunks[next(iter(self._chunks))]  # oldest first
             self._chunks[key] = chunk
-        return chunk
+        return chunks
 
     def layout(self, draw: BatchDraw, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, group ids) for positions ``[lo, hi)`` of a drawn global batch."""
@@ -172,16 +226,30 @@ class MixturePlan:
         slots = np.arange(lo, hi, dtype=np.int64)
         if self.shuffle:
             slots = shuffled_order(B, self.seed, stream=_LAYOUT_STREAM, epoch=draw.batch)[lo:hi]
-        bounds = np.cumsum(draw.counts)
+        counts = np.asarray(draw.counts, dtype=np.int64)
+        bounds = np.cumsum(counts)
         groups = np.searchsorted(bounds, slots, side="right").astype(np.int64)
-        starts = bounds - np.asarray(draw.counts)
+        # Position of each slot in its group's draw, then slots grouped by group (stable):
+        # one look-up per group present in the slice, O(slice log slice) in all.
+        within = slots - (bounds - counts)[groups]
+        order = np.argsort(groups, kind="stable")
+        sorted_groups = groups[order]
+        cuts = np.flatnonzero(np.diff(sorted_groups)) + 1
+        begins = [0, *cuts.tolist()]
+        ends = [*cuts.tolist(), len(order)]
         ids = np.empty(len(slots), dtype=np.int64)
-        for g in np.unique(groups):
-            mask = groups == g
-            within = slots[mask] - starts[g]
-            first = int(within.min())
-            span = self.group_positions(
-                int(g), draw.cursors[g] + first, int(within.max()) - first + 1
-            )
-            ids[mask] = span[within - first]
+        cursors = draw.cursors
+        runs = []
+        for a, b in zip(begins, ends, strict=True):
+            if a == b:
+                continue
+            members = order[a:b]
+            g = int(sorted_groups[a])
+            pos = within[members]
+            first = int(pos.min())
+            runs.append((members, g, pos, first, int(pos.max()) - first + 1))
+        self._fill([(g, cursors[g] + first, count) for _, g, _, first, count in runs])
+        for members, g, pos, first, count in runs:
+            span = self.group_positions(g, cursors[g] + first, count)
+            ids[members] = span[pos - first]
         return ids, groups

@@ -23,6 +23,14 @@ over and over). One deliberate difference: without EMA, the first round starts f
 
 Everything is a pure function or a small dataclass; ``AioliState`` serialises to plain
 Python values so a resumed run makes exactly the same decisions.
+
+Cost in the number of groups m. LearnParams is O(m) per round in *training steps*: it sweeps
+``lp_rounds * m * lp_steps`` batches on one-group-heavy mixtures and measures the validation
+loss of all m groups ``lp_rounds * m + 1`` times (O(m^2) group evaluations), and
+``AioliConfig.defaults_for`` grows ``update_steps`` with m to keep the sweeps' share of a
+round. That is fine for the paper's 2 to 7 groups and impractical for hundreds:
+:meth:`AioliConfig.check_scale` refuses a run whose first LearnParams cannot finish and warns
+when sweeps would take a large share of it, pointing to methods that scale (``SCALABLE``).
 """
 
 from __future__ import annotations
@@ -75,6 +83,17 @@ _PAPER_DEFAULTS: dict[int, dict[str, Any]] = {
     7: {"eta": 1.0, "update_steps": 200, "lp_rounds": 2, "lp_steps": 4, "one_hot_factor": 0.55,
         "ema": 0.1},
 }  # fmt: skip
+
+
+MAX_SWEEP_SHARE = 0.5  # warn above this share of a run's steps spent in LearnParams sweeps
+MANY_GROUPS = 64  # warn above this many groups whatever the run length
+SCALABLE = (
+    "for many groups use a method whose per-group signal comes from the training forward "
+    "pass, which costs O(groups) numbers per step and no extra steps: DoReMi "
+    "(mixstream.composer.DoReMi, per-group excess loss of the training batches against a "
+    "reference model), or a fixed mixture (StaticMixture, Stratified); or merge the groups "
+    "into a few (the Aioli paper mixes 2 to 7)"
+)
 
 
 # ------------------------------------------------------------------------------- pure pieces
@@ -195,6 +214,7 @@ class AioliConfig:
                 f"LearnParams takes lp_rounds * num_groups * lp_steps = {self.lp_duration} "
                 f"steps, which leaves none of update_steps={self.update_steps} for the learned "
                 "mixture; raise update_steps or lower lp_rounds/lp_steps"
+                + (f" (its cost grows with the {m} groups; {SCALABLE})" if m > 7 else "")
             )
         if self.prior is not None:
             prior = as_finite_array("prior", self.prior, ndim=1)
@@ -242,6 +262,47 @@ class AioliConfig:
             swept += min(self.lp_duration, total - start)
             start += self.update_steps
         return swept / total
+
+    @property
+    def evaluations_per_round(self) -> int:
+        """Validation-loss measurements of all groups per round (before and after each sweep)."""
+        return self.lp_rounds * self.num_groups + 1
+
+    def check_scale(self, total_steps: int | None = None) -> str | None:
+        """Refuse where the number of groups makes Aioli impractical; else a warning or None.
+
+        Raises ValueError when the first round's LearnParams cannot finish within
+        ``total_steps`` (the run would train on sweeps and never on a learned mixture).
+        Returns a warning when the sweeps would take more than ``MAX_SWEEP_SHARE`` of the
+        run, or when there are more than ``MANY_GROUPS`` groups; None otherwise.
+        """
+        m = self.num_groups
+        cost = (
+            f"with {m} groups a round of LearnParams sweeps lp_rounds * groups * lp_steps = "
+            f"{self.lp_rounds} * {m} * {self.lp_steps} = {self.lp_duration:,} batches and "
+            f"measures all {m} groups' validation loss {self.evaluations_per_round:,} times "
+            f"({self.evaluations_per_round * m:,} group evaluations), once every "
+            f"update_steps={self.update_steps:,} steps"
+        )
+        if total_steps is not None:
+            total = _check_int("total_steps", total_steps, 1)
+            end = self.prior_steps + self.lp_duration
+            if end >= total:
+                prior = f" after {self.prior_steps} prior steps" if self.prior_steps else ""
+                raise ValueError(
+                    f"Aioli cannot finish one round of LearnParams in this run of {total:,} "
+                    f"steps{prior}: {cost}. Its cost grows linearly with the number of "
+                    f"groups; {SCALABLE}"
+                )
+            share = self.sweep_share(total)
+            if share > MAX_SWEEP_SHARE:
+                return (
+                    f"Aioli would spend {share:.0%} of this run's {total:,} steps in "
+                    f"LearnParams sweeps ({cost}); {SCALABLE}"
+                )
+        if m > MANY_GROUPS:
+            return f"Aioli's cost grows with the number of groups: {cost}; {SCALABLE}"
+        return None
 
     @property
     def W(self) -> np.ndarray:

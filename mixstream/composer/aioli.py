@@ -20,11 +20,13 @@ batch already prefetched is re-planned. Validation losses are all-reduced before
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from composer.core import State
+from composer.core import State, TimeUnit
 from composer.loggers import Logger
 
 from mixstream.algorithms.aioli import AioliConfig, AioliState
@@ -33,6 +35,8 @@ from mixstream.composer.static import load_weights_file
 from mixstream.weights import normalize_weights
 
 __all__ = ["Aioli"]
+
+log = logging.getLogger(__name__)
 
 _CONFIG_KEYS = (
     "eta", "update_steps", "lp_rounds", "lp_steps", "one_hot_factor", "ema", "diagonal",
@@ -116,6 +120,10 @@ class Aioli(MixingAlgorithm):
                 "could not be scheduled in time; raise update_steps or lower num_workers/"
                 "prefetch_factor"
             )
+        warning = config.check_scale(_total_steps(state))
+        if warning:
+            warnings.warn(warning, stacklevel=2)
+            log.warning("%s", warning)
         self.config = config
         if self._loaded is not None:
             self.state = AioliState.from_state_dict(self._loaded)
@@ -175,3 +183,15 @@ class Aioli(MixingAlgorithm):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._loaded = dict(state) if state else None
+
+
+def _total_steps(state: State) -> int | None:
+    """The run's length in global batches, where Composer knows it (else None)."""
+    duration = state.max_duration
+    if duration is None:
+        return None
+    if duration.unit == TimeUnit.BATCH:
+        return int(duration.value)
+    if duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+        return int(duration.value) * int(state.dataloader_len)
+    return None

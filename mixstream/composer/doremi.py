@@ -42,7 +42,7 @@ from composer.loggers import Logger
 from mixstream import storage
 from mixstream.algorithms.doremi import DoReMiState
 from mixstream.composer.mixing import MixingAlgorithm
-from mixstream.composer.signals import all_reduce_sum, token_losses, unwrap_model
+from mixstream.composer.signals import all_reduce_sum, group_sums, token_losses, unwrap_model
 
 __all__ = ["OBJECTIVES", "DoReMi", "load_reference_model", "weighted_token_loss"]
 
@@ -272,13 +272,13 @@ class DoReMi(MixingAlgorithm):
             clipped = (proxy.detach().float() - ref.float()).clamp_min(0.0)
             per_seq = clipped.reshape(clipped.shape[0], -1).double()
             ids = state.batch["group"].to(per_seq.device).long().reshape(-1)
-            onehot = torch.nn.functional.one_hot(ids, self.num_groups).double()
-            # (2, k): clipped-excess sums and token counts; a reduction, not atomics, so
-            # deterministic on every device.
+            # (2, k): clipped-excess sums and token counts; deterministic on every device
+            # (no atomics) and O(batch log batch + groups), not batch x groups.
+            tokens = torch.full_like(per_seq[:, 0], per_seq.shape[1])
             totals = torch.stack(
                 [
-                    (onehot * per_seq.sum(dim=1, keepdim=True)).sum(0),
-                    onehot.sum(0) * per_seq.shape[1],
+                    group_sums(per_seq.sum(dim=1), ids, self.num_groups),
+                    group_sums(tokens, ids, self.num_groups),
                 ]
             )
         self._step_totals = totals if self._step_totals is None else self._step_totals + totals

@@ -37,7 +37,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 
-from mixstream.composer.history import MixtureHistory
+from mixstream.composer.history import MixtureHistory, read_history
 from mixstream.composer.signals import (
     GroupSamples,
     all_reduce_sum,
@@ -214,12 +214,22 @@ class MixingAlgorithm(Algorithm):
         weights = self.recommended_weights(step)
         self.record("final", step, logger, **{k: self._named(v) for k, v in weights.items()})
         if dist.get_global_rank() == 0 and self.run_dir is not None:
+            schedule = self._whole_schedule()
+            past = {}
+            if not schedule.past.empty:  # the history file did not have it all
+                past = {
+                    "schedule_past": {
+                        "entries": schedule.past.entries,
+                        "digest": schedule.past.digest.hex(),
+                    }
+                }
             payload = {
                 "method": type(self).__name__,
                 "groups": self.groups,
                 "steps": step,
                 **{k: self._named(v) for k, v in weights.items()},
-                "schedule": self._schedule().to_list(),
+                "schedule": schedule.to_list(),
+                **past,
                 **self.summary(step),
             }
             tmp = self.run_dir / (WEIGHTS_FILE + ".tmp")
@@ -240,6 +250,27 @@ class MixingAlgorithm(Algorithm):
     def _schedule(self) -> WeightSchedule:
         return self.mixing_dataset.weight_schedule
 
+    def _whole_schedule(self) -> WeightSchedule:
+        """The run's whole schedule for ``weights.json``.
+
+        The dataset keeps only its last changes (``history_entries``) and a digest of the
+        rest; the history file has every change, so they are replayed from it, and used when
+        the replay's digest is the dataset's (else the dataset's kept part is written, with
+        ``schedule_past`` saying what it lacks).
+        """
+        schedule = self._schedule()
+        if schedule.past.empty or self._history is None or not self._history.path.exists():
+            return schedule
+        replayed = WeightSchedule()
+        for row in read_history(self._history.path):
+            if row.get("kind") != "weights":
+                continue
+            values = row["weights"]
+            if not replayed.entries and row["effective_step"] != 0:
+                return schedule  # the initial weights were not recorded
+            replayed.set(int(row["effective_step"]), [values[g] for g in self.groups])
+        return replayed if len(replayed) and replayed.digest == schedule.digest else schedule
+
     def _named(self, values: Any) -> dict[str, float]:
         vec = np.asarray(values, dtype=np.float64).reshape(-1)
         return {g: float(v) for g, v in zip(self.mixing_dataset.group_names, vec, strict=True)}
@@ -252,7 +283,7 @@ class MixingAlgorithm(Algorithm):
     ) -> int:
         """Hand ``weights`` to the dataset (collective), log and record the change."""
         effective = self.mixing_dataset.set_weights(weights, step, effective_step)
-        vec = self._schedule().at(effective)
+        vec = self.mixing_dataset.weights_at(effective)
         self.record("weights", step, logger, effective_step=effective, weights=vec)
         return effective
 

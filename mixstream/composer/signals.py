@@ -28,6 +28,7 @@ __all__ = [
     "evaluate_group_losses",
     "forked_rng",
     "group_loss_sums",
+    "group_sums",
     "sample_indices",
     "token_losses",
     "unwrap_model",
@@ -63,6 +64,24 @@ def group_loss_sums(
     sums.index_add_(0, groups, per_sample.sum(dim=1))
     counts.index_add_(0, groups, torch.full_like(per_sample[:, 0], per_sample.shape[1]))
     return sums, counts
+
+
+def group_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """``out[g] = sum of values[i] over rows i of group g``, on the values' device.
+
+    Deterministic on every device (a stable sort, a prefix sum and a search, no atomics) and
+    O(rows log rows + groups): a one-hot reduction costs rows x groups, 40 MB per batch of
+    512 with 10,000 groups. Exact for integer-valued sums (counts); for others the prefix
+    sum's rounding is that of float64 over the batch.
+    """
+    values = values.reshape(-1)
+    groups = groups.to(values.device).long().reshape(-1)
+    order = torch.argsort(groups, stable=True)
+    prefix = torch.cat([values.new_zeros(1), torch.cumsum(values[order], dim=0)])
+    edges = torch.searchsorted(
+        groups[order], torch.arange(num_groups + 1, device=values.device, dtype=torch.long)
+    )
+    return prefix[edges[1:]] - prefix[edges[:-1]]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

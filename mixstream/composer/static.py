@@ -37,6 +37,13 @@ def load_weights_file(path: str, use: str = "average") -> list[tuple[int, Any]]:
             f"weights file {path} has no {use!r} entry; is it a mixstream weights.json?"
         )
     if use == "schedule":
+        past = data.get("schedule_past") or {}
+        if past.get("entries"):
+            raise ValueError(
+                f"weights file {path} holds only the last {len(data[use])} changes of its "
+                f"run's schedule (the {past['entries']} before batch {data[use][0][0]} were "
+                "not in its mixture_history.jsonl); replay it with use='average' or 'final'"
+            )
         groups = data.get("groups")
         return [(int(b), dict(zip(groups, w, strict=True)) if groups else w) for b, w in data[use]]
     return [(0, data[use])]
