@@ -136,20 +136,31 @@ def _run_one(run: Run, done: dict[str, Run], env: dict[str, str]) -> bool:
     return True
 
 
+def _only_feeds_finished(run: Run, runs: Sequence[Run]) -> bool:
+    """Whether ``run`` is unfinished but only read by runs that have finished (a DoReMi
+    proxy, say, of a main run restored from an earlier report): no need to train it."""
+    readers = [r for r in runs if run.name in r.after]
+    return (
+        bool(readers)
+        and not run.results_file.exists()
+        and all(r.results_file.exists() or _only_feeds_finished(r, runs) for r in readers)
+    )
+
+
 def run_all(runs: Sequence[Run], jobs: int, say: Callable[[str], None] = print) -> None:
     """Run ``runs`` respecting ``after``, ``jobs`` at a time, in the listed order.
 
     Each run is one process with one torch thread, so ``jobs`` = cores keeps them from
     contending; runs planned next to each other (a method and its anchor of the same seed)
-    share the machine's state alike.
+    share the machine's state alike. A run whose only readers have finished is skipped.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     by_name = {r.name: r for r in runs}
     unknown = {a for r in runs for a in r.after if a not in by_name}
     if unknown:
         raise ValueError(f"runs depend on runs that are not planned: {sorted(unknown)}")
-    pending = list(runs)
-    done: dict[str, Run] = {}
+    pending = [r for r in runs if not _only_feeds_finished(r, runs)]
+    done: dict[str, Run] = {r.name: r for r in runs if r not in pending}
     running: dict[Future, Run] = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         while pending or running:

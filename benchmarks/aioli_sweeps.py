@@ -66,6 +66,8 @@ class Variant:
 
 
 _LR3 = ("optimizer.lr=3.0e-3",)
+#: every row changes one thing against the paper's protocol: no warm-up unless it says so
+_PAPER = ("algorithm.prior_steps=0",)
 VARIANTS: dict[str, Variant] = {
     "paper settings": Variant(""),
     "lr 3e-3 (both)": Variant("~lr3e-3", both=_LR3, seeds=4),
@@ -103,9 +105,10 @@ def plan(args: argparse.Namespace, manifest: str, out: Path, groups: Sequence[st
         for seed in range(max(args.seeds, v.seeds or 0)):  # cut-short run has whole rows
             steps = round(args.steps * v.factor)
             add("stratified" + v.twin_tag, "stratified", seed, steps, v.both)
-            add("aioli" + v.tag, "aioli", seed, steps, [*v.aioli, *v.both])
+            add("aioli" + v.tag, "aioli", seed, steps, [*_PAPER, *v.aioli, *v.both])
     for n in args.val_sizes:  # round 0 only: LearnParams ends at batch 96 with 4 groups
-        add(f"aioli-val{n}", "aioli", 0, args.val_steps, [f"data.val_samples_per_group={n}"])
+        add(f"aioli-val{n}", "aioli", 0, args.val_steps,
+            [*_PAPER, f"data.val_samples_per_group={n}"])  # fmt: skip
     return runs
 
 

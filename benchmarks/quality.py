@@ -11,21 +11,25 @@ Stratified's. Here the same protocol at CPU scale, built so that its numbers can
   the mean over seeds of (method - Stratified) in average test loss, with its 95%
   t-interval and wins/seeds. A cell whose interval holds 0 says ``(noise)``.
 * **Faithful protocol.** Aioli runs with the paper's settings for the number of groups
-  (``AioliConfig.defaults_for``), scaled only where a run is shorter than two rounds. ODM
+  (``AioliConfig.defaults_for``), scaled only where a run is shorter than two rounds: as
+  ``aioli`` with mixstream's default one-round stratified warm-up before round 0, as
+  ``aioli-paper`` without it (the paper's protocol; also the run-length study's). ODM
   and ADO run their recipes (the reference codes' settings, scaled to the recipe's length),
   with warm-ups and refit intervals scaled to the run's length.
   DoReMi is its 3-run pipeline (the Stratified run is the reference). DGA's target is named
   (``--dga-target``) or the group with the highest *validation* loss under the paired
   Stratified run. The restricted setting (all groups): a mixture learned by short runs
   (``--restricted-from``, a quarter of the budget) is kept static, or trained for those
-  ``prior_steps`` and then adjusted by Aioli (the paper's setup).
+  ``prior_steps`` and then adjusted by Aioli (the paper's setup, paper protocol throughout).
 * **Run-length study.** Stratified and Aioli at several multiples of the base length in one
   setting (``--lengths``), with the share of batches in LearnParams sweeps per cell.
 
 Any corpus converted by ``shard-tools``: ``--manifest PATH|s3://...`` (the demo corpus by
 default, served from a SeaweedFS S3 server on loopback) and ``--settings`` (group subsets).
 Results: a section of ``benchmarks/RESULTS.md`` and ``benchmarks/results/quality.json``.
-Interrupted, it continues from the runs it finished (same ``--workdir``). ::
+Interrupted, it continues from the runs it finished (same ``--workdir``); on a new machine
+``--restore-from results/quality.json`` takes the runs an earlier report holds instead of
+training them again (marked ``restored_from``). ::
 
     .venv/bin/python -m benchmarks.quality --workdir /tmp/quality     # CPU, about 2 h on 2 cores
     .venv/bin/python -m benchmarks.quality --manifest s3://bucket/corpus/mixture.json \\
@@ -36,6 +40,7 @@ Interrupted, it continues from the runs it finished (same ``--workdir``). ::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -63,7 +68,7 @@ from benchmarks._training import (
 
 #: the demo corpus's settings, as in the paper: two groups, three, and all of them
 DEMO_SETTINGS = "legal+prose,code+legal+prose,all"
-METHODS = ("stratified", "aioli", "doremi", "dga", "odm", "ado")
+METHODS = ("stratified", "aioli", "aioli-paper", "doremi", "dga", "odm", "ado")
 SHORT_RUNS = ("aioli", "dga")  # methods that can learn a restricted-setting prior alone
 
 
@@ -92,17 +97,20 @@ def parse_settings(spec: str, groups: Sequence[str]) -> dict[str, list[str]]:
     return out
 
 
-def aioli_overrides(num_groups: int, steps: int, val_samples: int) -> tuple[list[str], str]:
+def aioli_overrides(
+    num_groups: int, steps: int, val_samples: int, paper_protocol: bool = False
+) -> tuple[list[str], str]:
     """The paper's settings for ``num_groups``, scaled down only to fit two rounds in a run.
 
     Scaling shrinks the round and the sweeps by the same factor (sweeps at least one batch),
     then drops LearnParams repetitions until half of each round is left for the learned
-    mixture.
+    mixture. ``paper_protocol``: without mixstream's warm-up before round 0.
     """
     from mixstream.algorithms.aioli import AioliConfig
 
     paper = AioliConfig.defaults_for(num_groups)
     extra = [f"data.val_samples_per_group={val_samples}"]
+    extra += ["algorithm.prior_steps=0"] if paper_protocol else []
     if steps >= 2 * paper.update_steps:
         return extra, "paper settings"
     factor = steps / (2 * paper.update_steps)
@@ -159,8 +167,8 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
         runs.append(run)
         return run
 
-    def aioli(groups: Sequence[str], steps: int) -> list[str]:
-        return aioli_overrides(len(groups), steps, args.val_samples)[0]
+    def aioli(groups: Sequence[str], steps: int, paper_protocol: bool = False) -> list[str]:
+        return aioli_overrides(len(groups), steps, args.val_samples, paper_protocol)[0]
 
     # Three passes (main table, restricted setting, run lengths), each seed by seed, so an
     # interrupted benchmark has whole seeds of the most important table first.
@@ -172,6 +180,9 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
                                           "stratified")  # fmt: skip
             if "aioli" in args.methods:
                 add(key, "aioli", seed, groups, args.steps, "aioli", *aioli(groups, args.steps))
+            if "aioli-paper" in args.methods:
+                add(key, "aioli-paper", seed, groups, args.steps, "aioli",
+                    *aioli(groups, args.steps, paper_protocol=True))  # fmt: skip
             if "doremi" in args.methods:
                 ckpt = base.run_dir / "checkpoints" / "latest-rank0.pt"
                 proxy = add(key, "doremi-proxy", seed, groups, args.steps, "doremi-proxy",
@@ -191,7 +202,7 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
         for src in args.restricted_from:
             if src == "aioli":
                 prior = add(key, "aioli-short", seed, groups, short, "aioli",
-                            *aioli(groups, short))  # fmt: skip
+                            *aioli(groups, short, paper_protocol=True))  # fmt: skip
             else:
                 prior = add(key, "dga-short", seed, groups, short, "dga",
                             **_dga_target(args, strat[key, seed]))  # fmt: skip
@@ -206,11 +217,42 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
             if factor == 1:
                 continue  # the main table's runs
             steps = max(1, round(args.steps * factor))
-            for method in ("stratified", "aioli"):
-                extra = aioli(study_groups, steps) if method == "aioli" else []
-                add(study_key, f"{method}@{factor:g}x", seed, study_groups, steps, method,
-                    *extra)  # fmt: skip
+            for method in ("stratified", "aioli-paper"):
+                extra = aioli(study_groups, steps, True) if method == "aioli-paper" else []
+                add(study_key, f"{method}@{factor:g}x", seed, study_groups, steps,
+                    method.removesuffix("-paper"), *extra)  # fmt: skip
     return runs
+
+
+def restore_runs(runs: Sequence[Run], path: Path) -> int:
+    """Write the results an earlier report (its ``quality.json``) holds into the planned runs
+    that have none, so they are reported and not trained again; returns how many.
+
+    Runs are bit-deterministic on one machine and software stack: a restored run and its
+    rerun agree to the last digit, so restored and new runs pair exactly. Only what the
+    report reads comes back (test losses, time-averaged weights, sweep share).
+    """
+    data = json.loads(path.read_text())
+    source = f"{path} (commit {data['machine'].get('git', '?')}, {data['date']})"
+    by_name = {r.name: r for r in runs}
+    restored = 0
+    for rec in data["runs"]:
+        run = by_name.get(f"{rec['setting']}/{rec['method']}/s{rec['seed']}")
+        if run is None or run.results_file.exists():
+            continue
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        (run.run_dir / "weights.json").write_text(
+            json.dumps({"aioli": {"sweep_share": rec["sweep_share"]}})
+        )
+        results = {
+            "steps": rec["steps"],
+            "test": {"groups": {g: {"loss": v} for g, v in rec["group_test_loss"].items()}},
+            "weights": {"average": rec["weights_average"]},
+            "restored_from": rec.get("restored_from", source),
+        }
+        run.results_file.write_text(json.dumps(results))
+        restored += 1
+    return restored
 
 
 # --------------------------------------------------------------------------- report
@@ -312,9 +354,9 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
         lines.append("")
     if args.lengths:
         s = max(settings, key=lambda k: len(args.settings[k]))
-        lines += [f"**Run-length study** ({s}, seeds 0-{args.length_seeds - 1}): Aioli - "
-                  "Stratified in average test loss at each length, and the share of batches "
-                  "in LearnParams sweeps.", "",
+        lines += [f"**Run-length study** ({s}, seeds 0-{args.length_seeds - 1}): Aioli "
+                  "(paper protocol) - Stratified in average test loss at each length, and the "
+                  "share of batches in LearnParams sweeps.", "",
                   "| length | batches | Stratified avg test loss | Aioli - Stratified "
                   "| sweep share |",
                   "|---|---:|---:|---|---:|"]  # fmt: skip
@@ -322,7 +364,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
             tag = "" if factor == 1 else f"@{factor:g}x"
             base = {k: v for k, v in table.get((s, f"stratified{tag}"), {}).items()
                     if k < args.length_seeds}  # fmt: skip
-            aio = {k: v for k, v in table.get((s, f"aioli{tag}"), {}).items()
+            aio = {k: v for k, v in table.get((s, f"aioli-paper{tag}"), {}).items()
                    if k < args.length_seeds}  # fmt: skip
             d = paired({k: avg_test_loss(v) for k, v in aio.items()},
                        {k: avg_test_loss(v) for k, v in base.items()})  # fmt: skip
@@ -330,7 +372,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
                 continue
             steps = next(iter(base.values()))["steps"]
             share = [r["sweep_share"] for r in records
-                     if r["setting"] == s and r["method"] == f"aioli{tag}"]  # fmt: skip
+                     if r["setting"] == s and r["method"] == f"aioli-paper{tag}"]  # fmt: skip
             mean_base = statistics.fmean(avg_test_loss(v) for v in base.values())
             lines.append(f"| {factor:g}x | {steps} | {mean_base:.4f} | {d.cell(4)} | "
                          f"{100 * statistics.fmean(share):.0f}% |")  # fmt: skip
@@ -362,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=1024, help="demo corpus BPE")
     parser.add_argument("--seq-len", type=int, default=128, help="demo corpus sample length")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--restore-from", type=Path, default=None,
+                        help="an earlier quality.json: its runs are reported, not retrained")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="2 seeds, 60 batches, 2 settings")
     parser.add_argument("--no-write", dest="write", action="store_false")
     add_report_only(parser)
@@ -396,6 +440,9 @@ def main(argv: list[str] | None = None) -> int:
         spec = args.settings or (DEMO_SETTINGS if args.manifest is None else "all")
         args.settings = parse_settings(spec, groups)
         runs = plan_runs(args, manifest, out)
+        if args.restore_from is not None:
+            restored = restore_runs(runs, args.restore_from)
+            print(f"[quality] restored {restored} runs from {args.restore_from}", flush=True)
         if args.report_only:
             done = sum(r.results_file.exists() for r in runs)
             print(f"[quality] reporting {done} of {len(runs)} planned runs in {out}", flush=True)

@@ -557,8 +557,10 @@ class DynamicStreamingDataset(StreamingDataset):
         else:
             epoch, start = presumed, presumed * self.batches_per_epoch
         self._shared_barrier(self._unique_worker_world.workers_per_node)
-        if self._unique_worker_world.is_local_leader:
-            self.next_epoch = epoch + 1
+        # Every process, not only the local leader: one that finished its share of a short
+        # epoch while the leader lagged behind would otherwise read the old counter and
+        # replay the epoch. The value is the same in all of them.
+        self.next_epoch = epoch + 1
         # The trainer's copy of the dataset (ours, pickled or forked) may hold states planned
         # with weights that updates published since then have replaced.
         applied = self._channel.sync(self._schedule)

@@ -90,6 +90,29 @@ class LoopSpec:
     # rank itself was started with (spawned ranks spawn their workers).
     worker_start: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    # Seconds the node's local leader lingers after each epoch barrier: the other processes
+    # of the node then begin (and may finish) the epoch before the leader has done anything.
+    leader_delay: float = 0.0
+
+
+class _LingeringLeaderBarrier:
+    """streaming's epoch barrier, after which the local leader sleeps ``delay`` s."""
+
+    def __init__(self, barrier: Any, dataset: Any, delay: float) -> None:
+        self.__dict__.update(_barrier=barrier, _dataset=dataset, _delay=delay)
+
+    def __call__(self, num_workers: int) -> None:
+        import time
+
+        self._barrier(num_workers)
+        if self._dataset._unique_worker_world.is_local_leader:
+            time.sleep(self._delay)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_barrier"], name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._barrier, name, value)
 
 
 def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
@@ -127,6 +150,8 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
     )
     if spec.resume_state is not None:
         ds.load_state_dict(spec.resume_state)
+    if spec.leader_delay:
+        ds._shared_barrier = _LingeringLeaderBarrier(ds._shared_barrier, ds, spec.leader_delay)
     loader = DataLoader(
         ds,
         batch_size=spec.global_batch // world,

@@ -12,8 +12,10 @@ from algorithm_harness import fit, rank_fit, read_jsonl, run_script
 from mixstream.algorithms import Aioli, AioliConfig, LearnParamsPlan
 from mixstream.testing.distributed import run_ranks
 
-# 3 groups: LearnParams = 1 round x 3 sweeps x 2 batches = 6 batches of each 10-batch round.
-SMALL = {"update_steps": 10, "lp_rounds": 1, "lp_steps": 2, "one_hot_factor": 0.6, "eta": 1.0}
+# 3 groups: LearnParams = 1 round x 3 sweeps x 2 batches = 6 batches of each 10-batch round,
+# from batch 0 (the paper's protocol: no warm-up round).
+SMALL = {"update_steps": 10, "lp_rounds": 1, "lp_steps": 2, "one_hot_factor": 0.6, "eta": 1.0,
+         "prior_steps": 0}  # fmt: skip
 
 
 def aioli_spec(run_dir: Path, **extra: object) -> dict:

@@ -171,6 +171,21 @@ def test_prior_is_normalised_and_starts_the_run() -> None:
     assert cfg.round_start(0) == 50 and cfg.round_start(2) == 250
 
 
+def test_defaults_warm_up_one_round_before_the_first_sweeps() -> None:
+    """mixstream's one deviation from the paper: round 0 starts after a round of the prior
+    (uniform here), so its skewed sweeps miss the steepest part of training."""
+    from mixstream.algorithms import Aioli
+
+    for m in (2, 3, 4, 7, 12):
+        cfg = AioliConfig.defaults_for(m)
+        assert cfg.prior_steps == cfg.update_steps == cfg.round_start(0)
+        assert AioliConfig.defaults_for(m, update_steps=400).prior_steps == 400
+        assert AioliConfig.defaults_for(m, prior_steps=0).round_start(0) == 0  # the paper
+    assert Aioli().make_config(["a", "b", "c"]).prior_steps == 250
+    assert Aioli(prior_steps=0).make_config(["a", "b", "c"]).round_start(0) == 0
+    assert Aioli(prior_steps=30, update_steps=100).make_config(["a", "b"]).prior_steps == 30
+
+
 # ---------------------------------------------------------------------------------- plan
 def test_plan_layout_is_contiguous_and_uses_W() -> None:
     cfg = _config(m=3, lp_rounds=2, lp_steps=4, update_steps=60, prior_steps=10)

@@ -48,18 +48,36 @@ def local_mixture(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root / "out")
 
 
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/<pid>/stat after the command name; None once gone or a zombie (the
-    container's init may never reap re-parented children)."""
+def _fields(path: str) -> list[str] | None:
+    """Fields of a ``stat`` file after the command name; None once gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return None if fields[0] in "ZX" else fields
+
+
+def _stat(pid: int) -> list[str] | None:
+    """``/proc/<pid>/stat`` fields; None once gone or a zombie (the container's init may
+    never reap re-parented children)."""
+    fields = _fields(f"/proc/{pid}/stat")
+    return None if fields is None or fields[0] in "ZX" else fields
+
+
+def _alive(pid: int) -> bool:
+    """Whether any thread of ``pid`` is still running. Not the main thread's state alone:
+    killed, it turns zombie while other threads still exit -- and hold the process's open
+    files (its flocks) until the last one is done."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any(
+        (f := _fields(f"/proc/{pid}/task/{t}/stat")) is not None and f[0] not in "ZX" for t in tasks
+    )
 
 
 def _running(pids: Iterable[int]) -> list[int]:
-    return [p for p in pids if _stat(p) is not None]
+    return [p for p in pids if _alive(p)]
 
 
 def _wait_gone(pids: Iterable[int], timeout: float) -> list[int]:
@@ -79,7 +97,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _group(pgid: int) -> list[int]:
-    return [p for p in _all_pids() if (s := _stat(p)) is not None and int(s[2]) == pgid]
+    """Processes of the group, zombies included (their threads may still be exiting)."""
+    return [p for p in _all_pids() if (s := _fields(f"/proc/{p}/stat")) is not None and int(s[2]) == pgid]
 
 
 def _segments(prefix: int) -> dict[str, int]:

@@ -139,6 +139,22 @@ def test_epochs_continue_one_global_sequence(local_mixture: str, workers: int) -
     assert run_loop(0, spec)["prints"] == reference["prints"]
 
 
+def test_a_local_leader_slow_after_the_epoch_barrier_repeats_nothing(local_mixture: str) -> None:
+    """Only the local leader used to record that an epoch had begun, after the barrier: a
+    rank that finished its short epoch while the leader lingered read the old epoch counter
+    and replayed the epoch (every sample of it twice)."""
+    reference = run_loop(0, LoopSpec(manifest=local_mixture, global_batch=8, steps=8))
+    spec = LoopSpec(
+        manifest=local_mixture,
+        global_batch=8,
+        steps=8,
+        epoch_size=2 * 8,
+        epochs=4,
+        leader_delay=1.0,
+    )
+    assert global_sequence(run_ranks(run_loop, 2, spec)) == reference["prints"]
+
+
 def test_within_a_pass_no_sample_repeats_or_is_skipped(local_mixture: str) -> None:
     ds = DynamicStreamingDataset(manifest=local_mixture, batch_size=16, seed=3)
     try:

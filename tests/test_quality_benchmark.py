@@ -100,12 +100,13 @@ def test_odm_and_ado_rows_are_planned_next_to_stratified(tmp_path: Path) -> None
 
 
 def test_sweep_share_counts_learnparams_batches() -> None:
-    config = AioliConfig.defaults_for(4)  # 4 reps x 4 groups x 6 steps = 96 of 250
+    config = AioliConfig.defaults_for(4, prior_steps=0)  # 4 x 4 groups x 6 steps = 96 of 250
     assert config.lp_duration == 96
     assert config.sweep_share(1000) == pytest.approx(4 * 96 / 1000)
     assert config.sweep_share(50) == 1.0
     assert config.sweep_share(300) == pytest.approx((96 + 50) / 300)
-    warm = AioliConfig.defaults_for(4, prior_steps=250)
+    warm = AioliConfig.defaults_for(4)  # the default: one round of warm-up
+    assert warm.prior_steps == warm.update_steps == 250
     assert warm.sweep_share(250) == 0.0
     assert warm.sweep_share(1000) == pytest.approx(3 * 96 / 1000)
 
@@ -132,6 +133,41 @@ def test_group_samples_read_the_seeded_sample(mixture: str) -> None:
 
 
 @pytest.mark.slow
+def test_runs_of_an_earlier_report_are_restored_and_their_inputs_not_retrained(
+    tmp_path: Path,
+) -> None:
+    """On a new machine, ``--restore-from quality.json``: the runs it holds are reported as
+    they were, and a DoReMi proxy whose main run is restored is not trained for nothing."""
+    args = argparse.Namespace(
+        settings={"a+b": ["a", "b"]}, seeds=1, steps=60,
+        methods=["stratified", "aioli", "aioli-paper", "doremi"], override=[],
+        restricted=False, restricted_from=[], lengths=[], length_seeds=1, gpu=False,
+        val_samples=8, dga_target=None,
+    )  # fmt: skip
+    runs = plan_runs(args, "MANIFEST", tmp_path)
+    paper = next(r for r in runs if r.name == "a+b/aioli-paper/s0")
+    assert "algorithm.prior_steps=0" in paper.overrides
+    assert not any("prior_steps" in o for o in next(r for r in runs if r.name == "a+b/aioli/s0").overrides)
+    record = {"setting": "a+b", "seed": 0, "steps": 60, "sweep_share": 0.0,
+              "group_test_loss": {"a": 4.0, "b": 5.0}, "weights_average": {"a": 0.5, "b": 0.5}}  # fmt: skip
+    earlier = tmp_path / "quality.json"
+    earlier.write_text(json.dumps({
+        "date": "then", "machine": {"git": "abc"},
+        "runs": [{**record, "method": m} for m in ("stratified", "doremi", "aioli-paper")]
+        + [{**record, "method": "aioli", "seed": 7}],  # not planned: ignored
+    }))  # fmt: skip
+    from benchmarks._training import _only_feeds_finished
+    from benchmarks.quality import restore_runs
+
+    assert restore_runs(runs, earlier) == 3
+    assert restore_runs(runs, earlier) == 0  # never over a run that has results
+    by_name = {r.name: r for r in runs}
+    assert by_name["a+b/doremi/s0"].results()["restored_from"] == f"{earlier} (commit abc, then)"
+    assert by_name["a+b/aioli-paper/s0"].sweep_share == 0.0
+    assert _only_feeds_finished(by_name["a+b/doremi-proxy/s0"], runs)
+    assert not _only_feeds_finished(by_name["a+b/aioli/s0"], runs)  # still to train
+
+
 def test_quick_quality_run_on_a_corpus_converted_from_jsonl(tmp_path: Path) -> None:
     """``shard-tools convert`` any JSONL, then ``benchmarks.quality --quick --manifest``."""
     rng = np.random.default_rng(0)
@@ -166,7 +202,7 @@ def test_quick_quality_run_on_a_corpus_converted_from_jsonl(tmp_path: Path) -> N
     assert "Run-length study" in out and "| 2x | 120 |" in out
     runs = sorted(p.relative_to(work / "runs").parts for p in (work / "runs").rglob("results.json"))
     assert ("code+law", "aioli", "s0", "results.json") in runs
-    assert ("code+law", "aioli@2x", "s0", "results.json") in runs
+    assert ("code+law", "aioli-paper@2x", "s0", "results.json") in runs
     weights = json.loads((work / "runs/code+law/aioli/s1/weights.json").read_text())
     assert 0 < weights["aioli"]["sweep_share"] < 1
 

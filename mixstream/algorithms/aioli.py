@@ -1,7 +1,7 @@
 """Aioli's pure update rule (Chen et al. 2024, Algorithms "LearnParams" and "Aioli").
 
-Training is cut into rounds of ``update_steps`` global batches (after an optional static
-warm-up of ``prior_steps`` on ``prior``). Each round:
+Training is cut into rounds of ``update_steps`` global batches (after a static warm-up of
+``prior_steps`` on ``prior``: one round by default, none in the paper). Each round:
 
 1. **LearnParams** (the first ``lp_rounds * m * lp_steps`` batches): ``lp_rounds`` random
    orders of the m groups; "sweep" group j = ``lp_steps`` batches on the smoothed one-hot
@@ -233,6 +233,14 @@ class AioliConfig:
         a round it has at m = 7 (56 of 200 steps), since it costs ``lp_rounds*m*lp_steps``.
         m = 7 follows what the reference code effectively trained on (see _PAPER_DEFAULTS):
         4-batch sweeps at 0.55, not its script's 10 batches at 0.75.
+
+        One addition to the paper: a warm-up of one round (``prior_steps = update_steps``)
+        on ``prior`` (uniform if none) before round 0; pass ``prior_steps=0`` for the
+        paper's protocol. Round 0's alternating one-group-heavy sweeps otherwise hit the
+        steepest part of training: at lr 3e-3 that cost 0.27-0.55 nats on 3 of 4 paired seeds
+        and the warm-up removed it (+0.01 left, the sweeps' own cost); at lr 1e-3, where
+        they are harmless, the two are within noise (benchmarks/RESULTS.md, "Aioli's
+        sweeps: paired ablations").
         """
         m = _check_int("num_groups", num_groups, 2)
         ref = min(_PAPER_DEFAULTS, key=lambda k: (abs(k - m), -k))
@@ -242,6 +250,7 @@ class AioliConfig:
             share = seven["lp_rounds"] * 7 * seven["lp_steps"] / seven["update_steps"]
             params["update_steps"] = math.ceil(params["lp_rounds"] * m * params["lp_steps"] / share)
         params.update(overrides)
+        params.setdefault("prior_steps", params["update_steps"])
         return cls(num_groups=m, **params)
 
     @property

@@ -57,7 +57,9 @@ class Aioli(MixingAlgorithm):
             ``weights.json`` from an earlier run, whose ``average`` is used). With
             ``prior_steps`` > 0 it is trained for that many batches before round 0: the
             paper's "restricted" setting (weights learned on a short run, adjusted by Aioli).
-        prior_steps: batches of ``prior`` before the first round.
+        prior_steps: batches of ``prior`` (uniform if none) before the first round; default
+            one round (``update_steps``), which keeps round 0's skewed sweeps out of the
+            steepest part of training; 0 is the paper's protocol.
         seed: keys the sweep orders (the same on every rank and after resume); default:
             the dataset's seed.
         **kwargs: see :class:`~mixstream.composer.mixing.MixingAlgorithm`.
@@ -78,7 +80,7 @@ class Aioli(MixingAlgorithm):
         normalize: bool = _DEFAULT,  # type: ignore[assignment]
         smoothing: float = _DEFAULT,  # type: ignore[assignment]
         prior: Mapping[str, float] | Sequence[float] | str | None = None,
-        prior_steps: int = 0,
+        prior_steps: int = _DEFAULT,  # type: ignore[assignment]
         seed: int | None = None,
         **kwargs: Any,
     ) -> None:
@@ -90,7 +92,8 @@ class Aioli(MixingAlgorithm):
         if isinstance(prior, str):
             prior = load_weights_file(prior, "average")[0][1]
         self.prior = prior
-        self.prior_steps = prior_steps
+        if prior_steps is not _DEFAULT:
+            self.overrides["prior_steps"] = prior_steps
         self.seed = seed
         self.config: AioliConfig | None = None
         self.state: AioliState | None = None
@@ -103,9 +106,7 @@ class Aioli(MixingAlgorithm):
         prior = None
         if self.prior is not None:
             prior = tuple(normalize_weights(self.prior, list(groups)))
-        return AioliConfig.defaults_for(
-            len(groups), **self.overrides, prior=prior, prior_steps=self.prior_steps
-        )
+        return AioliConfig.defaults_for(len(groups), **self.overrides, prior=prior)
 
     # --------------------------------------------------------------- events
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
