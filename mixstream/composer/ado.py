@@ -124,7 +124,7 @@ class ADO(MixingAlgorithm):
             # the prior the run started with (the default one is the weights at the start)
             self.config = self.make_config(groups, self.ado.prior)
             return
-        self.config = self.make_config(groups, self._schedule().at(step))
+        self.config = self.make_config(groups, self._weights_at(step))
         self.ado = ADOState.initial(self.config)
         if self.prior is not None:
             self.set_weights(self.config.initial_weights(), step, logger, effective_step=step)
@@ -151,7 +151,7 @@ class ADO(MixingAlgorithm):
         )
         effective = self.set_weights(mixture, step, logger)
         # Rank 0's mixture (set_weights broadcasts it): every rank continues from it.
-        self.ado.weights = [float(x) for x in self._schedule().at(effective)]
+        self.ado.weights = [float(x) for x in self._weights_at(effective)]
 
     # --------------------------------------------------------------- results and state
     def summary(self, step: int) -> dict[str, Any]:

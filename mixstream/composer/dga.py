@@ -226,7 +226,7 @@ class DGA(MixingAlgorithm):
                 weights = self.normalize(self.initial_weights)
                 self.set_weights(weights, step, logger, effective_step=step)
         if fresh or self.alpha is None:  # after a resume alpha is the checkpointed one
-            self.alpha = self._schedule().at(step).copy()
+            self.alpha = self._weights_at(step).copy()
         if self.alpha.shape != (self.num_groups,):
             raise ValueError(
                 f"DGA's saved weights have {self.alpha.size} entries but the dataset has "
@@ -249,7 +249,7 @@ class DGA(MixingAlgorithm):
         )
         effective = self.set_weights(alpha, step, logger)
         # Rank 0's weights (set_weights broadcasts them), so every rank continues from them.
-        self.alpha = self._schedule().at(effective).copy()
+        self.alpha = self._weights_at(effective).copy()
 
     def probe(self, state: State, step: int) -> np.ndarray:
         """The alignment of every group with the target at ``step`` (see module doc)."""

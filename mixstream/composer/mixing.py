@@ -248,7 +248,12 @@ class MixingAlgorithm(Algorithm):
         return len(self.mixing_dataset.group_names)
 
     def _schedule(self) -> WeightSchedule:
+        """A copy of the dataset's schedule: O(changes kept); per step use :meth:`_weights_at`."""
         return self.mixing_dataset.weight_schedule
+
+    def _weights_at(self, step: int) -> np.ndarray:
+        """The weights in force at global batch ``step``, without copying the schedule."""
+        return self.mixing_dataset.weights_at(step)
 
     def _whole_schedule(self) -> WeightSchedule:
         """The run's whole schedule for ``weights.json``.

@@ -95,7 +95,7 @@ class ODM(MixingAlgorithm):
         if not self.config.learns_at(step):
             return
         losses, tokens = self.step_train_losses(state.device)  # collective, every rank
-        drawn = self._schedule().at(step - 1)  # the weights batch step-1 was drawn with
+        drawn = self._weights_at(step - 1)  # the weights batch step-1 was drawn with
         policy = self.bandit.update(self.config, step, losses, drawn)
         rewards = np.asarray(self.bandit.rewards)
         self.record("odm", step, logger, rewards=rewards, train_loss=losses, tokens=tokens,
@@ -105,7 +105,7 @@ class ODM(MixingAlgorithm):
         )
         effective = self.set_weights(policy, step, logger)
         # Rank 0's policy (set_weights broadcasts it): every rank continues from it.
-        self.bandit.weights = [float(x) for x in self._schedule().at(effective)]
+        self.bandit.weights = [float(x) for x in self._weights_at(effective)]
 
     # --------------------------------------------------------------- results and state
     def summary(self, step: int) -> dict[str, Any]:
