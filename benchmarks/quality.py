@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128, help="demo corpus sample length")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--restore-from", type=Path, default=None,
-                        help="an earlier quality.json: its runs are reported, not retrained")  # fmt: skip
+                        help="an earlier quality.json: report, not retrain, its runs")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="2 seeds, 60 batches, 2 settings")
     parser.add_argument("--no-write", dest="write", action="store_false")
     add_report_only(parser)

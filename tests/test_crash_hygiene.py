@@ -98,7 +98,8 @@ def _children(pid: int) -> list[int]:
 
 def _group(pgid: int) -> list[int]:
     """Processes of the group, zombies included (their threads may still be exiting)."""
-    return [p for p in _all_pids() if (s := _fields(f"/proc/{p}/stat")) is not None and int(s[2]) == pgid]
+    stats = ((p, _fields(f"/proc/{p}/stat")) for p in _all_pids())
+    return [p for p, s in stats if s is not None and int(s[2]) == pgid]
 
 
 def _segments(prefix: int) -> dict[str, int]:

@@ -145,11 +145,12 @@ def test_runs_of_an_earlier_report_are_restored_and_their_inputs_not_retrained(
         val_samples=8, dga_target=None,
     )  # fmt: skip
     runs = plan_runs(args, "MANIFEST", tmp_path)
-    paper = next(r for r in runs if r.name == "a+b/aioli-paper/s0")
-    assert "algorithm.prior_steps=0" in paper.overrides
-    assert not any("prior_steps" in o for o in next(r for r in runs if r.name == "a+b/aioli/s0").overrides)
+    by_name = {r.name: r for r in runs}
+    assert "algorithm.prior_steps=0" in by_name["a+b/aioli-paper/s0"].overrides
+    assert not any("prior_steps" in o for o in by_name["a+b/aioli/s0"].overrides)
     record = {"setting": "a+b", "seed": 0, "steps": 60, "sweep_share": 0.0,
-              "group_test_loss": {"a": 4.0, "b": 5.0}, "weights_average": {"a": 0.5, "b": 0.5}}  # fmt: skip
+              "group_test_loss": {"a": 4.0, "b": 5.0},
+              "weights_average": {"a": 0.5, "b": 0.5}}  # fmt: skip
     earlier = tmp_path / "quality.json"
     earlier.write_text(json.dumps({
         "date": "then", "machine": {"git": "abc"},
@@ -161,7 +162,6 @@ def test_runs_of_an_earlier_report_are_restored_and_their_inputs_not_retrained(
 
     assert restore_runs(runs, earlier) == 3
     assert restore_runs(runs, earlier) == 0  # never over a run that has results
-    by_name = {r.name: r for r in runs}
     assert by_name["a+b/doremi/s0"].results()["restored_from"] == f"{earlier} (commit abc, then)"
     assert by_name["a+b/aioli-paper/s0"].sweep_share == 0.0
     assert _only_feeds_finished(by_name["a+b/doremi-proxy/s0"], runs)
