@@ -1,0 +1,277 @@
+"""Many groups: how the loader's costs grow with the number of groups m.
+
+Per-domain or per-language mixtures have hundreds to thousands of groups. For each m (3,
+100, 1,000 and 10,000 by default) one corpus of tiny samples (16 ``uint16`` tokens, so the
+loader's own work dominates, not I/O), one uncompressed MDS stream of equal size per group,
+is read by
+
+- **ours**: ``DynamicStreamingDataset`` from the corpus's ``mixture.json``, with
+  ``set_weights(random Dirichlet weights, step=step)`` after *every* batch and
+  ``state_dict`` every ``STATE_EVERY`` batches (both timed and included in its rate);
+- **plain**: ``streaming.StreamingDataset(streams=[Stream(local=..., proportion=1/m), ...],
+  shuffle=True)`` with static proportions.
+
+Both read through a ``DataLoader`` with 0 workers and per-device batch 512. Every run is a
+fresh process; ours and plain alternate, round after round, and medians are reported. The
+ratios that matter are taken side by side: ours at m against ours at m=3, and ours against
+plain at the same m. Targets (issue 11): at m=1,000 ours keeps >= 80% of its m=3 rate and
+stays >= plain's; state size and per-call costs grow at most linearly in m. ::
+
+    .venv/bin/python -m benchmarks.many_groups                      # full run
+    .venv/bin/python -m benchmarks.many_groups --quick --no-write   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from benchmarks._common import REPO_ROOT, OthersMeter, median, publish, stopwatch
+
+SECTION = "Many groups"
+SEQ_LEN = 16
+DTYPE = "uint16"
+BATCH = 512
+STATE_EVERY = 25
+SAMPLES_PER_GROUP_MIN = 64
+RESULT_PREFIX = "BENCH-RESULT "
+RUN_TIMEOUT_S = 900.0
+KINDS = ("ours", "plain")
+
+
+# ------------------------------------------------------------------------------- corpus
+def prepare_corpus(workdir: Path, groups: int, total: int) -> Path:
+    """Write (once) ``groups`` equal MDS streams of ``total`` samples in all, and the manifest.
+
+    The first two tokens of every sample hold its group, so a reader could check the mix.
+    """
+    import numpy as np
+    from streaming import MDSWriter
+
+    from mixstream.manifest import GroupInfo, Manifest, SplitInfo
+
+    per = max(SAMPLES_PER_GROUP_MIN, total // groups)
+    root = workdir / f"corpus-m{groups}-{per}"
+    if (root / "mixture.json").exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    print(f"writing {groups} groups x {per} samples to {root} ...", file=sys.stderr, flush=True)
+    rng = np.random.default_rng(groups)
+    infos = {}
+    for g in range(groups):
+        name, rel = f"g{g:05d}", f"g{g:05d}/train"
+        rows = rng.integers(0, 50257, size=(per, SEQ_LEN), dtype=np.uint16)
+        rows[:, 0], rows[:, 1] = g % 65536, g // 65536
+        with MDSWriter(out=str(root / rel), columns={"input_ids": f"ndarray:{DTYPE}:{SEQ_LEN}"},
+                       size_limit=1 << 26) as writer:  # fmt: skip
+            for row in rows:
+                writer.write({"input_ids": row})
+        raw = sum(
+            s["raw_data"]["bytes"]
+            for s in json.loads((root / rel / "index.json").read_text())["shards"]
+        )
+        infos[name] = GroupInfo(
+            name, {"train": SplitInfo(rel, per, per, per * SEQ_LEN, 0, raw, raw, 1)}
+        )
+    sample = {"format": "tokens", "column": "input_ids", "seq_len": SEQ_LEN, "dtype": DTYPE}
+    Manifest(infos, sample, None, {}, root=str(root)).save(str(root))
+    return root
+
+
+# ------------------------------------------------------------------------------- a run
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_reader(job: dict[str, Any]) -> dict[str, Any]:
+    """Build ``job['kind']``'s dataset over the corpus, read ``job['read']`` samples."""
+    import numpy as np
+    from streaming import Stream, StreamingDataset
+    from torch.utils.data import DataLoader
+
+    from mixstream import DynamicStreamingDataset
+
+    root, m = Path(job["root"]), job["groups"]
+    with stopwatch() as build:  # imports above: the build time is the dataset's alone
+        if job["kind"] == "ours":
+            ds: Any = DynamicStreamingDataset(manifest=str(root), batch_size=BATCH,
+                                              local=job["cache"])  # fmt: skip
+        else:
+            streams = [Stream(local=str(root / f"g{g:05d}" / "train"), proportion=1 / m)
+                       for g in range(m)]  # fmt: skip
+            ds = StreamingDataset(streams=streams, batch_size=BATCH, shuffle=True)
+    rss_built = _peak_rss_mb()
+    rng = np.random.default_rng(0)
+    set_weights_s: list[float] = []
+    state_s: list[float] = []
+    state_bytes = 0
+    samples, first = 0, 0.0
+    started = time.perf_counter()
+    for step, batch in enumerate(DataLoader(ds, batch_size=BATCH, num_workers=0), 1):
+        samples += int(batch["input_ids"].shape[0])
+        if step == 1:
+            first = time.perf_counter()
+        if job["kind"] == "ours":
+            t0 = time.perf_counter()
+            ds.set_weights(rng.dirichlet(np.ones(m)), step=step)
+            set_weights_s.append(time.perf_counter() - t0)
+            if step % STATE_EVERY == 0:
+                t0 = time.perf_counter()
+                state = ds.state_dict(step * BATCH, True)
+                state_s.append(time.perf_counter() - t0)
+                state_bytes = len(json.dumps(state))
+        if samples >= job["read"]:
+            break
+    done = time.perf_counter()
+    if job["kind"] == "ours":
+        ds.close()
+    return {
+        "build_s": build.seconds, "first_batch_s": first - started,
+        "rate": (samples - BATCH) / max(done - first, 1e-9), "samples": samples,
+        "rss_built_mb": rss_built, "rss_peak_mb": _peak_rss_mb(),
+        "set_weights_ms": 1e3 * median(set_weights_s) if set_weights_s else None,
+        "state_dict_ms": 1e3 * median(state_s) if state_s else None,
+        "state_bytes": state_bytes or None,
+    }  # fmt: skip
+
+
+def launch(job: dict[str, Any]) -> dict[str, Any]:
+    """Run ``job`` in a fresh interpreter; a failed or hung run is reported, not raised."""
+    cmd = [sys.executable, "-m", "benchmarks.many_groups", "--child", json.dumps(job)]
+    meter = OthersMeter()
+    meter.start()
+    try:
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=RUN_TIMEOUT_S, check=False)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no result after {RUN_TIMEOUT_S:.0f} s", "others": meter.stop()}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        errors = [ln for ln in proc.stderr.splitlines() if "Error" in ln]
+        return {"failed": errors[-1].strip() if errors else f"exit {proc.returncode}",
+                "others": meter.stop()}  # fmt: skip
+    return {**json.loads(lines[-1][len(RESULT_PREFIX) :]), "others": meter.stop()}
+
+
+# ------------------------------------------------------------------------------- report
+def _med(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return median(values) if values else None
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str, Any]]]
+           ) -> tuple[str, dict[str, Any]]:  # fmt: skip
+    lines = [
+        f"Corpus per m: one uncompressed MDS stream per group of {SEQ_LEN}-token `{DTYPE}` "
+        f"samples (at least {SAMPLES_PER_GROUP_MIN} per group, {args.samples:,} in all where "
+        f"that is more), local disk. Each run reads {args.read:,} samples through a DataLoader "
+        f"(0 workers, per-device batch {BATCH}) in a fresh process; ours calls `set_weights` "
+        f"(random Dirichlet weights) after every batch and `state_dict` every {STATE_EVERY} "
+        f"batches, both included in its rate. {args.rounds} rounds, ours and plain alternating; "
+        "medians. **first batch**: from `iter(loader)` to the first batch; **RSS**: the "
+        "process's peak after building the dataset / at the end; **state**: JSON bytes of "
+        "`state_dict`.",
+        "",
+        "| groups | ours samples/s | ours vs m=3 | plain samples/s | ours / plain | first batch s "
+        "(ours / plain) | build s (ours / plain) | RSS MB built, peak (ours / plain) | "
+        "`set_weights` ms | `state_dict` ms | state KB | others' CPU |",
+        "|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|",
+    ]
+    summary: dict[str, Any] = {"cells": {}}
+    base = _med(cells.get(("ours", args.groups[0]), []), "rate")
+    for m in args.groups:
+        ours, plain = cells.get(("ours", m), []), cells.get(("plain", m), [])
+        failed = [r["failed"] for r in ours + plain if "failed" in r]
+        ours_ok = [r for r in ours if "failed" not in r]
+        plain_ok = [r for r in plain if "failed" not in r]
+        ratios = [o["rate"] / p["rate"] for o, p in zip(ours_ok, plain_ok, strict=False)]
+        rate, prate = _med(ours_ok, "rate"), _med(plain_ok, "rate")
+        vs3 = None if rate is None or not base else rate / base
+        ratio = median(ratios) if ratios else None
+
+        def pair(key: str, spec: str, o: list = ours_ok, p: list = plain_ok) -> str:
+            return f"{_fmt(_med(o, key), spec)} / {_fmt(_med(p, key), spec)}"
+
+        state = _med(ours_ok, "state_bytes")
+        others = max((r.get("others") or 0.0) for r in ours + plain) if ours + plain else 0.0
+        lines.append(
+            f"| {m:,} | {_fmt(rate, ',.0f')} | {_fmt(vs3, '.2f')} | {_fmt(prate, ',.0f')} | "
+            f"{_fmt(ratio, '.2f')} | {pair('first_batch_s', '.2f')} | {pair('build_s', '.2f')} "
+            f"| {pair('rss_built_mb', '.0f')}, {pair('rss_peak_mb', '.0f')} | "
+            f"{_fmt(_med(ours_ok, 'set_weights_ms'), '.3f')} | "
+            f"{_fmt(_med(ours_ok, 'state_dict_ms'), '.2f')} | "
+            f"{_fmt(None if state is None else state / 1024, ',.1f')} | {others:.2f} |"
+        )
+        if failed:
+            lines.append(f"| | failed: {failed[0]} ({len(failed)} runs) | | | | | | | | | | |")
+        summary["cells"][str(m)] = {
+            "ours_rate": rate, "plain_rate": prate, "ours_vs_m3": vs3, "ours_over_plain": ratio,
+            "first_batch_s": {"ours": _med(ours_ok, "first_batch_s"),
+                              "plain": _med(plain_ok, "first_batch_s")},
+            "state_bytes": state, "state_dict_ms": _med(ours_ok, "state_dict_ms"),
+            "set_weights_ms": _med(ours_ok, "set_weights_ms"), "failed": failed,
+        }  # fmt: skip
+    thousand = summary["cells"].get("1000", {})
+    if thousand.get("ours_vs_m3") is not None and thousand.get("ours_over_plain") is not None:
+        met = thousand["ours_vs_m3"] >= 0.8 and thousand["ours_over_plain"] >= 1.0
+        lines += ["", f"- Targets at m=1,000 (>= 0.80 of ours at m=3, >= 1.0x plain): "
+                  f"{thousand['ours_vs_m3']:.2f} and {thousand['ours_over_plain']:.2f}x: "
+                  f"**{'met' if met else 'not met'}**."]  # fmt: skip
+    return "\n".join(lines), summary
+
+
+# ------------------------------------------------------------------------------- main
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--groups", default="3,100,1000,10000", help="comma list of m")
+    parser.add_argument("--samples", type=int, default=262_144, help="corpus size per m")
+    parser.add_argument("--read", type=int, default=51_200, help="samples read per run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--workdir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "mixstream-many-groups")  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="m = 3, 100; small reads; 1 round")
+    parser.add_argument("--no-write", dest="write", action="store_false")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(RESULT_PREFIX + json.dumps(run_reader(json.loads(args.child))), flush=True)
+        return 0
+    if args.quick:
+        args.groups, args.samples, args.read, args.rounds = "3,100", 8_192, 5_120, 1
+    args.groups = [int(x) for x in args.groups.split(",") if x.strip()]
+    roots = {m: prepare_corpus(args.workdir, m, args.samples) for m in args.groups}
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for rnd in range(args.rounds):
+        for m in args.groups:
+            for kind in KINDS if rnd % 2 == 0 else KINDS[::-1]:
+                cache = args.workdir / f"cache-{kind}-{m}-{rnd}"
+                job = {"kind": kind, "groups": m, "root": str(roots[m]), "read": args.read,
+                       "cache": str(cache)}  # fmt: skip
+                result = launch(job)
+                shutil.rmtree(cache, ignore_errors=True)
+                cells.setdefault((kind, m), []).append(result)
+                what = result.get("failed") or f"{result['rate']:,.0f} samples/s"
+                print(
+                    f"[many-groups] round {rnd} m={m} {kind}: {what}", file=sys.stderr, flush=True
+                )
+    markdown, summary = report(args, cells)
+    publish(SECTION, markdown, quick=args.quick, write=args.write, name="many_groups",
+            results=summary)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
