@@ -53,6 +53,8 @@ class Run:
     after: list[str] = field(default_factory=list)
     #: called with the finished runs by name just before this one starts: more overrides
     late_overrides: Callable[[dict[str, Run]], list[str]] | None = None
+    #: a run that only feeds others (a DoReMi proxy, a restricted-setting prior), not reported
+    feeds_only: bool = False
 
     @property
     def results_file(self) -> Path:
@@ -137,11 +139,13 @@ def _run_one(run: Run, done: dict[str, Run], env: dict[str, str]) -> bool:
 
 
 def _only_feeds_finished(run: Run, runs: Sequence[Run]) -> bool:
-    """Whether ``run`` is unfinished but only read by runs that have finished (a DoReMi
-    proxy, say, of a main run restored from an earlier report): no need to train it."""
+    """Whether ``run`` is unfinished, ``feeds_only``, and read only by runs that have
+    finished (a DoReMi proxy, say, of a main run restored from an earlier report): no need
+    to train it. A reported run is always trained, whoever reads it."""
     readers = [r for r in runs if run.name in r.after]
     return (
-        bool(readers)
+        run.feeds_only
+        and bool(readers)
         and not run.results_file.exists()
         and all(r.results_file.exists() or _only_feeds_finished(r, runs) for r in readers)
     )
@@ -152,7 +156,8 @@ def run_all(runs: Sequence[Run], jobs: int, say: Callable[[str], None] = print) 
 
     Each run is one process with one torch thread, so ``jobs`` = cores keeps them from
     contending; runs planned next to each other (a method and its anchor of the same seed)
-    share the machine's state alike. A run whose only readers have finished is skipped.
+    share the machine's state alike. A ``feeds_only`` run whose readers have all
+    finished is skipped.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     by_name = {r.name: r for r in runs}

@@ -72,6 +72,11 @@ METHODS = ("stratified", "aioli", "aioli-paper", "doremi", "dga", "odm", "ado")
 SHORT_RUNS = ("aioli", "dga")  # methods that can learn a restricted-setting prior alone
 
 
+def reported(method: str) -> bool:
+    """Whether a run of ``method`` is a row of the report (else it only feeds other runs)."""
+    return not (method.endswith("-short") or method == "doremi-proxy")
+
+
 def _recipe(args: argparse.Namespace, method: str) -> Path:
     return RECIPES / f"{'gpu-125m' if args.gpu else 'cpu'}-{method}.yaml"
 
@@ -163,7 +168,8 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
         run_dir = out / "runs" / name
         overrides = base_overrides(name, run_dir, seed, manifest, groups, steps)
         overrides += [f"eval_interval={max(1, steps // 4)}ba", *args.override, *extra, *more]
-        run = Run(name, _recipe(args, recipe), overrides, run_dir, list(after), late)
+        run = Run(name, _recipe(args, recipe), overrides, run_dir, list(after), late,
+                  feeds_only=not reported(method))  # fmt: skip
         runs.append(run)
         return run
 
@@ -271,7 +277,7 @@ def report(args: argparse.Namespace, runs: Sequence[Run], entropy: dict[str, flo
     records = []
     for run in runs:
         setting, method, seed = run.name.split("/")
-        if not run.results_file.exists() or method.endswith("-short") or method == "doremi-proxy":
+        if not run.results_file.exists() or not reported(method):
             continue
         res = run.results()
         records.append({

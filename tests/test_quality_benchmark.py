@@ -166,6 +166,8 @@ def test_runs_of_an_earlier_report_are_restored_and_their_inputs_not_retrained(
     assert by_name["a+b/aioli-paper/s0"].sweep_share == 0.0
     assert _only_feeds_finished(by_name["a+b/doremi-proxy/s0"], runs)
     assert not _only_feeds_finished(by_name["a+b/aioli/s0"], runs)  # still to train
+    by_name["a+b/stratified/s0"].results_file.unlink()  # read by finished runs, but reported
+    assert not _only_feeds_finished(by_name["a+b/stratified/s0"], runs)
 
 
 def test_quick_quality_run_on_a_corpus_converted_from_jsonl(tmp_path: Path) -> None:
