@@ -106,6 +106,7 @@ ALGORITHMS = {
     "dga": "DGA",
     "odm": "ODM",
     "ado": "ADO",
+    "skillit": "SkillIt",
 }
 #: algorithm keyword arguments the recipe sets itself, and where to set them instead
 _ALGORITHM_RESERVED = {
