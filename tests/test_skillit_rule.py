@@ -5,6 +5,7 @@ drops, and the state's window and round trip."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -84,6 +85,6 @@ def test_state_round_trip() -> None:
         (lambda: SkillItState().update(1.0), "no skills graph yet"),
     ],
 )
-def test_bad_input_is_refused(call, message: str) -> None:  # noqa: ANN001
+def test_bad_input_is_refused(call: Callable[[], object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
