@@ -107,6 +107,7 @@ ALGORITHMS = {
     "odm": "ODM",
     "ado": "ADO",
     "skillit": "SkillIt",
+    "doge": "DoGE",
 }
 #: algorithm keyword arguments the recipe sets itself, and where to set them instead
 _ALGORITHM_RESERVED = {
