@@ -63,7 +63,7 @@ def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], message
 def test_a_graph_phase_longer_than_the_run_is_refused(mixture: str, tmp_path: Path) -> None:
     cfg = {"manifest": mixture, "max_duration": "6ba",
            "algorithm": spec(tmp_path / "run", graph_steps=2)}  # fmt: skip
-    with pytest.raises(ValueError, match="graph phase takes .* 6 batches, not less"):
+    with pytest.raises(ValueError, match=r"graph phase takes .* 6 batches, not less"):
         fit(cfg)
 
 
