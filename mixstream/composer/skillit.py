@@ -51,10 +51,12 @@ def load_graph(source: Any) -> np.ndarray:
     if not isinstance(source, str | os.PathLike):
         return check_graph(source)
     path = os.fspath(source)
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"SkillIt graph file {path} does not exist") from None
+    if not storage.exists(path):
+        raise FileNotFoundError(
+            f"SkillIt graph file {path} does not exist; pass a .npy or .json matrix, a "
+            "SkillIt run's weights.json, or graph=None to learn the graph"
+        )
+    raw = storage.read_bytes(path)
     if path.endswith(".npy"):
         import io
 
