@@ -33,6 +33,7 @@ import torch
 from composer.core import State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
+from composer.utils import dist
 
 from mixstream.algorithms.doge import DoGEState, doge_scores
 from mixstream.algorithms.lmo import check_fraction, check_positive
@@ -40,12 +41,13 @@ from mixstream.composer.doremi import OBJECTIVES, weighted_token_loss
 from mixstream.composer.mixing import MixingAlgorithm
 from mixstream.composer.probes import (
     TARGET,
+    ProbeResult,
     concat_batches,
     draw_probe,
     probe_gradients,
     require_whole_model,
 )
-from mixstream.composer.signals import GroupSamples
+from mixstream.composer.signals import GroupSamples, all_reduce_sum
 
 __all__ = ["DoGE"]
 
@@ -207,7 +209,7 @@ class DoGE(MixingAlgorithm):
         if self.objective == "resample":
             self.set_weights(w, step, logger)
 
-    def probe(self, state: State, step: int) -> Any:
+    def probe(self, state: State, step: int) -> ProbeResult:
         """Inner products and norms of every group's gradient and the target's at ``step``."""
         assert self._pool is not None and self._target_pool is not None
         seed = self.mixing_dataset.seed
@@ -219,7 +221,7 @@ class DoGE(MixingAlgorithm):
                 for g in range(len(self._target_pool))
             ]
         )
-        return probe_gradients(
+        result = probe_gradients(
             state.model,
             batches,
             target,
@@ -228,6 +230,17 @@ class DoGE(MixingAlgorithm):
                 state.precision, state.precision_config
             ),
         )
+        # Every rank probed the same keyed batches; the mean over ranks makes the numbers
+        # bit-identical everywhere, so every rank takes the same step.
+        world = dist.get_world_size()
+        if world == 1:
+            return result
+        packed = torch.as_tensor(
+            [*result.inner, *result.group_norms, result.target_norm], dtype=torch.float64
+        )
+        packed = (all_reduce_sum(state.device.tensor_to_device(packed)).cpu() / world).numpy()
+        m = self.num_groups
+        return ProbeResult(packed[:m], packed[m : 2 * m], float(packed[2 * m]))
 
     # --------------------------------------------------------------- output and checkpoints
     def recommended_weights(self, step: int) -> dict[str, np.ndarray]:
