@@ -237,7 +237,12 @@ def search(
     objective = None if target is None else groups.index(target)
     best, predicted = best_mixture(fitted, objective, top_k=min(top_k, 100_000), seed=seed,
                                    alpha=alpha)  # fmt: skip
-    named = dict(zip(groups, map(float, best), strict=True))
+
+    def named_vector(values: Any) -> dict[str, float]:
+        return dict(zip(groups, map(float, values), strict=True))
+
+    named = named_vector(best)
+    swarm_scores = losses.mean(axis=1) if objective is None else losses[:, objective]
     summary = {
         "method": "search",
         "groups": groups,
@@ -249,15 +254,13 @@ def search(
             "law": law,
             "objective": "mean" if target is None else target,
             "runs": runs,
-            "predicted_val_loss": dict(zip(groups, map(float, predicted), strict=True)),
-            "held_out_abs_error": dict(zip(groups, map(float, error), strict=True)),
-            "best_swarm_run": int(np.argmin(losses.mean(axis=1) if objective is None
-                                            else losses[:, objective])),  # fmt: skip
+            "predicted_val_loss": named_vector(predicted),
+            "held_out_abs_error": named_vector(error),
+            "best_swarm_run": int(np.argmin(swarm_scores)),
             "swarm": [
-                {"weights": dict(zip(groups, map(float, p), strict=True)),
-                 "val_loss": dict(zip(groups, map(float, v), strict=True))}
+                {"weights": named_vector(p), "val_loss": named_vector(v)}
                 for p, v in zip(mixtures, losses, strict=True)
-            ],  # fmt: skip
+            ],
         },
     }
     tmp = out / "weights.json.tmp"
