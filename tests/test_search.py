@@ -84,7 +84,7 @@ def mixstream(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=1800, check=False)  # fmt: skip
 
 
-def test_search_cli_trains_resumes_and_writes_a_static_mixture(mixture: str, tmp_path: Path) -> None:
+def test_search_cli_trains_resumes_and_writes_weights(mixture: str, tmp_path: Path) -> None:
     recipe = tiny_recipe(mixture, tmp_path / "tiny.yaml")
     args = ["search", str(recipe), "--runs", "3", "--steps", "2", "--jobs", "2",
             "--workdir", str(tmp_path / "swarm"), "--law", "linear"]  # fmt: skip
