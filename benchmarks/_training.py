@@ -38,7 +38,14 @@ from mixstream.train.stats import (  # noqa: F401  (the benchmarks import them f
 
 RECIPES = REPO_ROOT / "recipes"
 #: algorithm options counted in batches, scaled with a run's length (schedule_overrides)
-BATCH_OPTIONS = {"odm": ("warmup_steps",), "ado": ("warmup_steps", "ignore_steps", "fit_interval")}
+BATCH_OPTIONS = {
+    "odm": ("warmup_steps",),
+    "ado": ("warmup_steps", "ignore_steps", "fit_interval"),
+    "skillit": ("update_steps", "graph_steps"),
+    "doge": ("update_steps",),
+}
+#: of those, the ones that must stay >= 1 however short the run
+_AT_LEAST_ONE = ("fit_interval", "update_steps", "graph_steps")
 
 
 # --------------------------------------------------------------------------- runs
@@ -98,7 +105,8 @@ def base_overrides(name: str, run_dir: Path, seed: int, manifest: str, groups: S
 
 
 def schedule_overrides(recipe: Path, steps: int) -> list[str]:
-    """ODM's and ADO's batch-counted options in ``recipe``, scaled to a ``steps``-batch run.
+    """A method's batch-counted options in ``recipe`` (:data:`BATCH_OPTIONS`), scaled to a
+    ``steps``-batch run.
 
     The recipes set them for their own length (1000 batches); a shorter benchmark run keeps
     the same proportions (a warm-up of 5% stays 5%), so the method still acts. ADO keeps at
@@ -114,8 +122,9 @@ def schedule_overrides(recipe: Path, steps: int) -> list[str]:
         return []
     factor = steps / duration.value
     values = {k: max(0, round(int(algorithm[k]) * factor)) for k in keys}
-    if "fit_interval" in values:
-        values["fit_interval"] = max(1, values["fit_interval"])
+    for key in _AT_LEAST_ONE:
+        if key in values:
+            values[key] = max(1, values[key])
     if "ignore_steps" in values and "warmup_steps" in values:
         values["warmup_steps"] = max(values["warmup_steps"], values["ignore_steps"] + 3)
     return [f"algorithm.{k}={v}" for k, v in values.items()]

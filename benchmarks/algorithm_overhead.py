@@ -36,9 +36,10 @@ from typing import Any
 
 from benchmarks._common import REPO_ROOT, LoadMeter, median, publish
 
-METHODS = ("stratified", "aioli", "doremi", "dga", "odm", "ado")
+METHODS = ("stratified", "aioli", "doremi", "dga", "odm", "ado", "skillit", "doge")
 RECIPES = {m: REPO_ROOT / "recipes" / f"cpu-{m}.yaml" for m in METHODS}
 RECIPES["doremi"] = REPO_ROOT / "recipes" / "cpu-doremi-proxy.yaml"
+RECIPES["doge"] = REPO_ROOT / "recipes" / "cpu-doge-proxy.yaml"  # the run that does the work
 BUCKET = "overhead"
 WARMUP = 5
 
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} interleaved rounds, medians. Ratio: mean step time over the run "
         "(evaluations included) / Stratified's in the same round (each round's in brackets). "
         "Targets: Aioli <= 1.15x; ODM and ADO within the round-to-round spread of Stratified "
-        "itself (the last line). "
+        "itself (the last line); Skill-It and DoGE at most Aioli's ratio. "
         "A measurement made before the first batch (Aioli's first, which also reads the "
         "held-out sequences) is outside the step times; the evaluation columns include it.",
         "",

@@ -68,13 +68,14 @@ from benchmarks._training import (
 
 #: the demo corpus's settings, as in the paper: two groups, three, and all of them
 DEMO_SETTINGS = "legal+prose,code+legal+prose,all"
-METHODS = ("stratified", "aioli", "aioli-paper", "doremi", "dga", "odm", "ado")
+METHODS = ("stratified", "aioli", "aioli-paper", "doremi", "dga", "odm", "ado", "skillit", "doge")
+PROXIES = ("doremi-proxy", "doge-proxy")  # runs that only feed a main run: not table rows
 SHORT_RUNS = ("aioli", "dga")  # methods that can learn a restricted-setting prior alone
 
 
 def reported(method: str) -> bool:
     """Whether a run of ``method`` is a row of the report (else it only feeds other runs)."""
-    return not (method.endswith("-short") or method == "doremi-proxy")
+    return not (method.endswith("-short") or method in PROXIES)
 
 
 def _recipe(args: argparse.Namespace, method: str) -> Path:
@@ -203,6 +204,16 @@ def plan_runs(args: argparse.Namespace, manifest: str, out: Path) -> list[Run]:
                 if m in args.methods:
                     add(key, m, seed, groups, args.steps, m,
                         *schedule_overrides(_recipe(args, m), args.steps))  # fmt: skip
+            if "skillit" in args.methods:  # graph phase and updates scaled to the run
+                add(key, "skillit", seed, groups, args.steps, "skillit",
+                    f"data.val_samples_per_group={args.val_samples}",
+                    *schedule_overrides(_recipe(args, "skillit"), args.steps))  # fmt: skip
+            if "doge" in args.methods:  # 2 runs, like DoReMi's last two: proxy, then main
+                scaled = schedule_overrides(_recipe(args, "doge-proxy"), args.steps)
+                proxy = add(key, "doge-proxy", seed, groups, args.steps, "doge-proxy", *scaled)
+                add(key, "doge", seed, groups, args.steps, "doge-main",
+                    f"algorithm.weights_file={proxy.run_dir / 'weights.json'}",
+                    after=[proxy.name])  # fmt: skip
     for seed in range(args.seeds if args.restricted else 0):
         key, groups, short = study_key, study_groups, max(1, args.steps // 4)
         for src in args.restricted_from:

@@ -1,4 +1,5 @@
-"""``mixstream train | eval | plot``: train from a recipe, evaluate a checkpoint, plot a run.
+"""``mixstream train | eval | plot | search``: train from a recipe, evaluate a checkpoint,
+plot a run, search a mixture with a fitted mixing law (:mod:`mixstream.search`).
 
 Multi-GPU and multi-node runs use Composer's launcher, which starts one process per device
 with the distributed environment set (``python -m mixstream`` in each)::
@@ -66,7 +67,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("run_dir", help="run folder (holds mixture_history.jsonl)")
     plot.add_argument("--out", help="PNG to write (default: RUN_DIR/mixture.png)")
+
+    search = sub.add_parser(
+        "search",
+        help="mixing-law search: short runs on random mixtures, a fitted law, its best mixture",
+        description="Train --runs short static-mixture runs of a recipe on Dirichlet-sampled "
+        "mixtures, fit each group's validation loss on the mixture, and write the mixture the "
+        "law predicts best as WORKDIR/weights.json. Rerunning continues an interrupted search.",
+    )
+    search.add_argument("recipe", help="recipe YAML file (its algorithm is replaced)")
+    search.add_argument(
+        "overrides", nargs="*", default=[], metavar="KEY=VALUE", help=_OVERRIDES_HELP
+    )
+    search.add_argument("--runs", type=int, required=True, help="runs in the swarm (>= 3)")
+    search.add_argument("--steps", type=int, required=True, help="batches per run")
+    search.add_argument("--workdir", default=None, help="default: runs/search-<recipe stem>")
+    search.add_argument("--jobs", type=int, default=None, help="parallel runs (default: cores/2)")
+    search.add_argument("--law", default="loglinear", choices=("linear", "loglinear"))
+    search.add_argument("--target", default=None, help="minimise this group's loss (default: mean)")
+    search.add_argument("--seed", type=int, default=0, help="keys the sampled mixtures")
+    search.add_argument("--alpha", type=float, default=1.0, help="Dirichlet concentration")
     return parser
+
+
+def _search(args: argparse.Namespace) -> int:
+    from mixstream.search import search
+    from mixstream.train.recipe import RecipeError
+
+    workdir = args.workdir or f"runs/search-{Path(args.recipe).stem}"
+    if args.jobs is not None and args.jobs < 1:
+        return _error("--jobs must be >= 1")
+    try:
+        search(args.recipe, runs=args.runs, steps=args.steps, workdir=workdir,
+               overrides=args.overrides, jobs=args.jobs, law=args.law, target=args.target,
+               seed=args.seed, alpha=args.alpha)  # fmt: skip
+    except (RecipeError, ValueError) as exc:
+        return _error(str(exc))
+    return 0
 
 
 def _error(message: str) -> int:
@@ -146,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not hasattr(args, "overrides"):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.overrides = [*args.overrides, *rest]
-    return {"train": _train, "eval": _eval, "plot": _plot}[args.command](args)
+    commands = {"train": _train, "eval": _eval, "plot": _plot, "search": _search}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -99,6 +99,39 @@ def test_odm_and_ado_rows_are_planned_next_to_stratified(tmp_path: Path) -> None
     assert "seed=1" in ado.overrides and not ado.after  # no reference run, no target
 
 
+def test_skillit_and_doge_schedules_scale_with_the_run_length() -> None:
+    recipes = REPO / "recipes"
+    # cpu-skillit: updates every 100 of 1000 batches after a 4 x 10-batch graph phase
+    assert schedule_overrides(recipes / "cpu-skillit.yaml", 60) == [
+        "algorithm.update_steps=6", "algorithm.graph_steps=1"
+    ]  # fmt: skip
+    assert schedule_overrides(recipes / "cpu-skillit.yaml", 5) == [
+        "algorithm.update_steps=1", "algorithm.graph_steps=1"  # never below one batch
+    ]  # fmt: skip
+    assert schedule_overrides(recipes / "cpu-doge-proxy.yaml", 200) == ["algorithm.update_steps=2"]
+
+
+def test_skillit_runs_alone_and_doge_is_a_proxy_then_a_main_run(tmp_path: Path) -> None:
+    args = argparse.Namespace(
+        settings={"a+b": ["a", "b"]}, seeds=2, steps=60, methods=["stratified", "skillit", "doge"],
+        override=[], restricted=False, restricted_from=[], lengths=[], length_seeds=1,
+        gpu=False, val_samples=8, dga_target=None,
+    )  # fmt: skip
+    runs = {r.name: r for r in plan_runs(args, "MANIFEST", tmp_path)}
+    methods = ["stratified", "skillit", "doge-proxy", "doge"]
+    assert sorted(runs) == sorted(f"a+b/{m}/s{s}" for m in methods for s in (0, 1))
+    skillit = runs["a+b/skillit/s1"]
+    assert skillit.recipe.name == "cpu-skillit.yaml" and not skillit.after
+    assert "algorithm.update_steps=6" in skillit.overrides and "seed=1" in skillit.overrides
+    assert "data.val_samples_per_group=8" in skillit.overrides
+    proxy, main = runs["a+b/doge-proxy/s1"], runs["a+b/doge/s1"]
+    assert proxy.recipe.name == "cpu-doge-proxy.yaml" and not proxy.after
+    assert "algorithm.update_steps=1" in proxy.overrides  # 10 of 1000 -> 0.6 of 60, at least 1
+    assert main.recipe.name == "cpu-doge-main.yaml" and main.after == [proxy.name]
+    assert f"algorithm.weights_file={proxy.run_dir / 'weights.json'}" in main.overrides
+    assert "seed=1" in main.overrides and "seed=1" in proxy.overrides
+
+
 def test_sweep_share_counts_learnparams_batches() -> None:
     config = AioliConfig.defaults_for(4, prior_steps=0)  # 4 x 4 groups x 6 steps = 96 of 250
     assert config.lp_duration == 96

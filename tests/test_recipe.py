@@ -11,6 +11,7 @@ import yaml
 
 from mixstream.cli import main
 from mixstream.train.recipe import (
+    ALGORITHMS,
     RecipeError,
     apply_overrides,
     parse_duration,
@@ -123,7 +124,8 @@ def test_algorithm_key_typo_for_every_available_method(mixture: str) -> None:
         if has_algorithm(cls):
             message = error_of(base(mixture), f"algorithm.name={name}", "algorithm.etta=1.0")
             assert "unknown key algorithm.etta" in message and "eta" in message
-    for name, cls, key in [("odm", "ODM", "reward_scale"), ("ado", "ADO", "fit_interval")]:
+    for name, cls, key in [("odm", "ODM", "reward_scale"), ("ado", "ADO", "fit_interval"),
+                           ("skillit", "SkillIt", "window"), ("doge", "DoGE", "mu")]:  # fmt: skip
         if has_algorithm(cls):
             message = error_of(base(mixture), f"algorithm.name={name}", f"algorithm.{key}s=1")
             assert f"unknown key algorithm.{key}s" in message and key in message
@@ -208,9 +210,7 @@ def test_shipped_recipes_resolve(mixture: str) -> None:
     for path in recipes:
         raw = yaml.safe_load(path.read_text())
         name = raw.get("algorithm", {}).get("name", "stratified")
-        if name not in ("stratified", "static") and not has_algorithm(
-            {"aioli": "Aioli", "doremi": "DoReMi", "dga": "DGA", "odm": "ODM", "ado": "ADO"}[name]
-        ):
+        if name not in ("stratified", "static") and not has_algorithm(ALGORITHMS[name]):
             continue
         overrides = [f"data.manifest={mixture}", "data.groups=null"]
         for key in ("weights_file", "reference_checkpoint", "prior"):

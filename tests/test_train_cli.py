@@ -168,6 +168,9 @@ METHODS = {
                     "probe_samples_per_group": 4}),
     "odm": ("ODM", {"warmup_steps": 2}),
     "ado": ("ADO", {"warmup_steps": 5, "ignore_steps": 1, "fit_interval": 3}),
+    # a 3-batch graph phase (each group alone for a batch), then updates at 3, 6, 9, 12
+    "skillit": ("SkillIt", {"graph_steps": 1, "update_steps": 3}),
+    "doge": ("DoGE", {"update_steps": 2, "probe_batch_size": 2, "probe_samples_per_group": 4}),
 }  # fmt: skip
 
 

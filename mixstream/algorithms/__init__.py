@@ -10,13 +10,18 @@ set ``A``:
 * ``odm``    -- an EXP3 bandit rewarded by training loss (no validation pass), Albalak et al.
   2023: one EG step from uniform on the cumulative importance-weighted losses;
 * ``ado``    -- per-group power laws of training loss, sampled by their predicted rate of
-  decrease, Jiang et al. 2024 (not an EG step: a preference, floored and time-averaged).
+  decrease, Jiang et al. 2024 (not an EG step: a preference, floored and time-averaged);
+* ``skillit`` -- ``A_ij = G[j, i] * L_i``: a skills graph G (learned in one-hot sweeps or
+  given) times the recent validation losses, Chen et al. 2023, an EG step from the prior;
+* ``doge``   -- ``A_1j = lr <g_j, g_val>``, normalised and clipped, step ``1/mu``; its
+  time-averaged weights feed a static main run, Fan, Pagliardini, Jaggi 2023.
 
 The modules here are pure (numpy; torch tensors accepted where losses/gradients come from
 a model) and hold no trainer state beyond small, serialisable dataclasses. Trainer
 integrations (the Composer ``Algorithm`` classes ``Stratified``, ``StaticMixture``, ``Aioli``,
-``DoReMi``, ``DGA``, ``ODM``, ``ADO``) live in :mod:`mixstream.composer` and are exported
-here lazily, so ``import mixstream.algorithms`` alone never imports a training framework.
+``DoReMi``, ``DGA``, ``ODM``, ``ADO``, ``SkillIt``, ``DoGE``) live in :mod:`mixstream.composer`
+and are exported here lazily, so ``import mixstream.algorithms`` alone never imports a training
+framework.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ _EXPORTS = {
     "DGA": "mixstream.composer.dga",
     "ODM": "mixstream.composer.odm",
     "ADO": "mixstream.composer.ado",
+    "SkillIt": "mixstream.composer.skillit",
+    "DoGE": "mixstream.composer.doge",
     # lmo: the shared core
     "ema": "mixstream.algorithms.lmo",
     "exponentiated_gradient_log_step": "mixstream.algorithms.lmo",
@@ -75,6 +82,15 @@ _EXPORTS = {
     "ado_preference": "mixstream.algorithms.ado",
     "ado_update": "mixstream.algorithms.ado",
     "fit_power_law": "mixstream.algorithms.ado",
+    # doge
+    "DoGEState": "mixstream.algorithms.doge",
+    "doge_scores": "mixstream.algorithms.doge",
+    "doge_update": "mixstream.algorithms.doge",
+    # skillit
+    "SkillItState": "mixstream.algorithms.skillit",
+    "learn_graph": "mixstream.algorithms.skillit",
+    "skillit_mixing_matrix": "mixstream.algorithms.skillit",
+    "skillit_update": "mixstream.algorithms.skillit",
     # simulate (toy runs under a planted mixing law, for tests and benchmarks)
     "LinearDynamicSimulator": "mixstream.algorithms.simulate",
     "run_aioli": "mixstream.algorithms.simulate",

@@ -113,11 +113,16 @@ def sweep_mixtures(m: int, one_hot_factor: float) -> np.ndarray:
     return W
 
 
-def beta_from_losses(order: Sequence[int], losses: Any, lp_rounds: int) -> np.ndarray:
+def beta_from_losses(
+    order: Sequence[int], losses: Any, lp_rounds: int, relative: bool = False
+) -> np.ndarray:
     """LearnParams' ``beta``: ``beta[i, j]`` = mean drop of loss i over group j's sweeps.
 
     ``losses`` has one row per evaluation: before the first sweep, then after each sweep
     (``len(order) + 1`` rows); ``order[k]`` is the group swept between rows k and k + 1.
+    ``relative``: each drop is divided by the loss before its sweep (Skill-It's skills graph
+    is ``beta.T`` of the relative drops, Chen et al. 2023), so groups whose losses sit at
+    different scales are compared on one.
     """
     losses = as_finite_array("losses", losses, ndim=2)
     order = [int(j) for j in order]
@@ -133,6 +138,10 @@ def beta_from_losses(order: Sequence[int], losses: Any, lp_rounds: int) -> np.nd
     if sorted(order) != sorted(list(range(m)) * lp_rounds):
         raise ValueError(f"order {order} must sweep each of {m} groups exactly {lp_rounds} times")
     drops = losses[:-1] - losses[1:]  # (n_sweeps, n_eval): drop of every loss over sweep k
+    if relative:
+        if np.any(losses[:-1] <= 0):
+            raise ValueError("relative drops need losses > 0 before every sweep")
+        drops = drops / losses[:-1]
     beta = np.zeros((m, m))
     for k, j in enumerate(order):
         beta[:, j] += drops[k]
@@ -379,25 +388,58 @@ class LearnParamsPlan:
 
     @classmethod
     def for_round(cls, config: AioliConfig, seed: int, round_index: int) -> LearnParamsPlan:
+        return cls.build(
+            config.W,
+            config.lp_rounds,
+            config.lp_steps,
+            seed,
+            round_index,
+            start_step=config.round_start(round_index),
+            end_step=config.round_start(round_index) + config.update_steps,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        W: Any,
+        lp_rounds: int,
+        lp_steps: int,
+        seed: int,
+        round_index: int,
+        start_step: int,
+        end_step: int | None = None,
+    ) -> LearnParamsPlan:
+        """Sweeps of every group on its row of ``W``, ``lp_rounds`` keyed orders, from
+        ``start_step``; ``end_step`` defaults to the end of the last sweep.
+
+        Aioli's rounds and Skill-It's graph-learning phase are both this plan.
+        """
+        W = as_finite_array("W", W, ndim=2)
+        m = W.shape[0]
         seed = _check_int("seed", seed, 0)
-        start = config.round_start(round_index)
-        W = config.W
-        order = _sweep_order(seed, round_index, config.num_groups, config.lp_rounds)
+        lp_rounds = _check_int("lp_rounds", lp_rounds, 1)
+        lp_steps = _check_int("lp_steps", lp_steps, 1)
+        start = _check_int("start_step", start_step, 0)
+        order = _sweep_order(seed, _check_int("round_index", round_index, 0), m, lp_rounds)
         sweeps = tuple(
             Sweep(
                 group=j,
-                start_step=start + k * config.lp_steps,
-                end_step=start + (k + 1) * config.lp_steps,
+                start_step=start + k * lp_steps,
+                end_step=start + (k + 1) * lp_steps,
                 mixture=tuple(float(x) for x in W[j]),
             )
             for k, j in enumerate(order)
         )
+        mix_start = start + len(order) * lp_steps
+        end = mix_start if end_step is None else int(end_step)
+        if end < mix_start:
+            raise ValueError(f"end_step={end} is before the sweeps end ({mix_start})")
         return cls(
             round_index=round_index,
             start_step=start,
             sweeps=sweeps,
-            mix_start_step=start + config.lp_duration,
-            end_step=start + config.update_steps,
+            mix_start_step=mix_start,
+            end_step=end,
         )
 
     @property

@@ -6,14 +6,10 @@ set's gradient points, and moves weight toward them (the rule, its sign and its 
 per group, drawn from a small in-memory pool of each group's train split, and a batch of the
 target set (a group's ``val`` split, possibly of another ``mixture.json``).
 
-A probe must not disturb training, so it
-
-* takes ``torch.autograd.grad`` on the unwrapped module (not ``.backward``): ``param.grad``,
-  the optimizer state and DDP's gradient hooks are never touched;
-* keeps the model's (train) mode but forks the RNG, so its dropout draws do not shift the
-  training run's;
-* draws its sequences with a fresh generator keyed by ``(dataset seed, step, group)``: the
-  same on every rank and after a resume, and no RNG state is consumed.
+A probe must not disturb training (:mod:`mixstream.composer.probes`, shared with DoGE): it
+takes ``torch.autograd.grad`` on the unwrapped module (``param.grad``, the optimizer state
+and DDP's hooks are never touched), forks the RNG, and draws its sequences keyed by
+``(dataset seed, step, group)``: the same on every rank and after a resume.
 
 Alignment is the cosine ``<g_i, g_t> / (|g_i| |g_t|)`` by default (``normalize=True``), so
 ``eta`` does not depend on the model's size, loss scale or learning rate: a one-step move of
@@ -24,95 +20,22 @@ then absorb their scale.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 from composer.core import State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
-from mixstream.algorithms.dga import alignment, dga_update
+from mixstream.algorithms.dga import dga_update
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.composer.mixing import MixingAlgorithm
-from mixstream.composer.signals import GroupSamples, forked_rng, token_losses, unwrap_model
+from mixstream.composer.probes import TARGET, draw_probe, probe_alignment, require_whole_model
+from mixstream.composer.signals import GroupSamples
 from mixstream.manifest import Manifest
 
 __all__ = ["DGA", "draw_probe", "probe_alignment"]
-
-# SeedSequence entropy tags, so a target probe never reuses a training group's draw.
-_TRAIN, _TARGET = 0, 1
-
-
-def draw_probe(
-    samples: GroupSamples, group: int, size: int, seed: int, step: int, tag: int = _TRAIN
-) -> dict[str, torch.Tensor]:
-    """``size`` distinct sequences of ``group``'s pool, chosen by ``(seed, step, tag, group)``.
-
-    Deterministic and stateless: every rank (and a resumed run) draws the same batch, and no
-    global RNG moves.
-    """
-    pool = samples.samples[group]
-    rng = np.random.default_rng([seed % 2**63, int(step), tag, group])
-    rows = rng.choice(len(pool), size=min(size, len(pool)), replace=False)
-    return {k: torch.stack([pool[i][k] for i in rows]) for k in pool[0]}
-
-
-def _flat_grad(
-    model: torch.nn.Module,
-    params: list[torch.nn.Parameter],
-    batch: dict[str, torch.Tensor],
-    device: Any | None,
-    precision_context: Callable[[], Any] | None,
-) -> torch.Tensor:
-    """Gradient of ``batch``'s mean token loss w.r.t. ``params``, flattened, in float32."""
-    if device is not None:
-        batch = device.batch_to_device(batch)
-    with precision_context() if precision_context else contextlib.nullcontext():
-        outputs = model(batch)
-    loss = token_losses(model, outputs, batch).float().mean()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1).float()
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
-
-
-def probe_alignment(
-    model: torch.nn.Module,
-    group_batches: Sequence[dict[str, torch.Tensor]],
-    target_batch: dict[str, torch.Tensor],
-    *,
-    normalize: bool = True,
-    device: Any | None = None,
-    precision_context: Callable[[], Any] | None = None,
-) -> np.ndarray:
-    """Alignment of each group batch's loss gradient with the target batch's (float64).
-
-    Cosine when ``normalize`` (0 for a zero gradient), else the raw inner product. Leaves
-    ``param.grad``, the optimizer, the model's mode and every RNG stream as they were. Only
-    two flat gradients are held at a time.
-    """
-    inner = unwrap_model(model)
-    params = [p for p in inner.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError(f"{type(inner).__name__} has no trainable parameters to probe")
-    a = np.empty(len(group_batches), dtype=np.float64)
-    with forked_rng(), torch.enable_grad():
-        target = _flat_grad(inner, params, target_batch, device, precision_context)
-        target_norm = float(torch.linalg.vector_norm(target.double()))
-        for i, batch in enumerate(group_batches):
-            grad = _flat_grad(inner, params, batch, device, precision_context)
-            a[i] = alignment([grad], target)[0]
-            if normalize:
-                scale = float(torch.linalg.vector_norm(grad.double())) * target_norm
-                a[i] = a[i] / scale if scale > 0 else 0.0
-            del grad
-    return a
 
 
 class DGA(MixingAlgorithm):
@@ -187,13 +110,7 @@ class DGA(MixingAlgorithm):
 
     # ------------------------------------------------------------------ setup
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
-        if state.fsdp_enabled or any(
-            type(p).__name__ == "DTensor" for p in state.model.parameters()
-        ):
-            raise ValueError(
-                "DGA takes whole per-group gradients on the unwrapped model; FSDP-sharded "
-                "models are not supported (train with DDP or on a single device)"
-            )
+        require_whole_model(state, "DGA")
         dataset = self.mixing_dataset
         train_manifest = dataset.manifest
         if train_manifest is None:
@@ -259,7 +176,7 @@ class DGA(MixingAlgorithm):
             draw_probe(self._pool, g, self.probe_batch_size, seed, step)
             for g in range(self.num_groups)
         ]
-        target = draw_probe(self._target_pool, 0, self.probe_batch_size, seed, step, _TARGET)
+        target = draw_probe(self._target_pool, 0, self.probe_batch_size, seed, step, TARGET)
         return probe_alignment(
             state.model,
             batches,

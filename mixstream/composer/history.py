@@ -6,8 +6,10 @@ Rows are ``{"step": batches done, "kind": ..., ...}``. Kinds written by the algo
 * ``train_loss``/``val_loss`` -- ``losses`` ({group: mean token loss});
 * method-specific rows (``aioli`` with the estimated ``A``, ``doremi`` with excess losses,
   ``dga`` with alignments, ``odm`` with the bandit's rewards and the batch's losses,
-  ``ado_fit`` with the refit laws and ``ado`` with the preference), and ``final`` at the end
-  of training.
+  ``ado_fit`` with the refit laws and ``ado`` with the preference, ``skillit_graph`` with
+  the learned skills graph and ``skillit`` with the summed window of losses, ``doge`` with
+  the probe's inner products, norms, learning rate, scores and weights), and ``final`` at
+  the end of training.
 
 On resume the rows past the checkpoint are dropped (they will be written again), so the
 file always describes one consistent run.

@@ -106,6 +106,8 @@ ALGORITHMS = {
     "dga": "DGA",
     "odm": "ODM",
     "ado": "ADO",
+    "skillit": "SkillIt",
+    "doge": "DoGE",
 }
 #: algorithm keyword arguments the recipe sets itself, and where to set them instead
 _ALGORITHM_RESERVED = {
