@@ -133,7 +133,7 @@ def test_a_burst_of_slowdown_is_ridden_out(
 
         with caplog.at_level(logging.WARNING, logger="mixstream.stream"):
             got = _read(s3_prefix, tmp_path / "cache", on_batch=on_batch)
-        assert proxy.counts["slowdown"] > 3, proxy.counts
+        assert proxy.counts["slowdown"] > 0, proxy.counts
     assert got == expected
     warnings = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     # GETs are answered SlowDown; HEADs carry no body, so only their status: 503.
