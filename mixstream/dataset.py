@@ -130,7 +130,9 @@ class DynamicStreamingDataset(StreamingDataset):
             by ``streams=`` of a ``Stream`` subclass of the caller's own.
         validate_hash: hash every shard is checked against on download, on decompression
             and (with ``verify_cache``) on first use per process; ``xxh64`` (what shard-tools
-            writes) by default, ``None`` to skip hashing (sizes are still checked).
+            writes) by default, ``None`` to skip hashing. Sizes are always checked; shards
+            whose index has no such hash (plain streaming writes none unless asked) are
+            checked by size only, with a warning.
         verify_cache: check decompressed shards already in the cache against their index on
             first use in each process, and fetch damaged ones again.
         num_workers, prefetch_factor: what the DataLoader will use; they set the automatic
@@ -1082,15 +1084,23 @@ def _checked_get_shards(stream: Stream, verify_cache: bool) -> Any:
 
     def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
         shards = get_shards(world, allow_unsafe_types)
-        for i, shard in enumerate(shards):
-            missing = stream.missing_hash(shard) if isinstance(stream, ResilientStream) else None
-            if missing is not None:
-                raise ShardIndexError(
-                    f"{index_location(stream)}: shard {i} ({missing}) has no "
-                    f"{stream.validate_hash} hash, so it cannot be verified; re-convert the "
-                    "stream with shard-tools (which records xxh64), or pass "
-                    "validate_hash=None to read shards unverified"
-                )
+        unhashed = [
+            i
+            for i, shard in enumerate(shards)
+            if isinstance(stream, ResilientStream) and stream.missing_hash(shard) is not None
+        ]
+        if unhashed:
+            log.warning(
+                "%s: %d of %d shards have no %s hash (shard %d first); they are checked by "
+                "size only. Re-convert the stream with shard-tools (which records xxh64) to "
+                "have them verified",
+                index_location(stream),
+                len(unhashed),
+                len(shards),
+                stream.validate_hash,
+                unhashed[0],
+            )
+        for shard in shards:
             if type(shard) is MDSReader:
                 shard.__class__ = _CountedMDSReader
                 shard.index_name = index_location(stream)

@@ -12,7 +12,8 @@ logged once at WARNING; a shard still failing when the budget is spent raises on
 and the endpoint only: never keys, signatures or credentials in URLs.
 
 Every file is checked against its index entry (size, and the index's hash when
-``validate_hash`` is set: ``xxh64`` by default in :class:`~mixstream.DynamicStreamingDataset`)
+``validate_hash`` is set -- ``xxh64`` by default in :class:`~mixstream.DynamicStreamingDataset`
+-- and the index has one: plain streaming writes none unless asked)
 as it is downloaded and as it is decompressed; a mismatch is fetched once more (a flipped
 bit in transit or a torn cache) and then fails with a :class:`ShardCorruptError` naming the
 shard. :meth:`ResilientStream.check_cached` re-checks a decompressed shard already in the
@@ -309,13 +310,20 @@ class ResilientStream(Stream):
         """Why ``data`` does not match its index entry ``info``, or ``None``."""
         if info.bytes is not None and len(data) != info.bytes:
             return f"it is {len(data)} bytes but its index says {info.bytes} (truncated?)"
-        algo = self.validate_hash
-        if algo and get_hash(algo, data) != (info.hashes or {}).get(algo):
-            return f"its {algo} hash does not match its index"
+        expected = self._expected_hash(info)
+        if expected is not None and get_hash(str(self.validate_hash), data) != expected:
+            return f"its {self.validate_hash} hash does not match its index"
         return None
 
+    def _expected_hash(self, info: FileInfo) -> str | None:
+        """The ``validate_hash`` digest the index gives for ``info`` (None: none to check)."""
+        if not self.validate_hash:
+            return None
+        return (info.hashes or {}).get(self.validate_hash)
+
     def missing_hash(self, shard: Any) -> str | None:
-        """The basename of a file of ``shard`` whose index entry lacks ``validate_hash``."""
+        """The basename of a file of ``shard`` whose index entry lacks ``validate_hash`` (such
+        files are checked by size only)."""
         if not self.validate_hash:
             return None
         for info in (i for pair in shard.file_pairs for i in pair if i is not None):
@@ -435,7 +443,7 @@ class ResilientStream(Stream):
             raw_filename = os.path.join(self.local, self.split, raw_info.basename)
             if raw_filename in self._verified:
                 continue
-            if self.validate_hash:
+            if self._expected_hash(raw_info) is not None:
                 with open(raw_filename, "rb") as f:
                     problem = self._check(raw_info, f.read())
             else:  # no hash to check: the size alone catches truncation, without a read
