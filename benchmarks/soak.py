@@ -43,6 +43,8 @@ BATCH = 8
 CHANGE_EVERY = 7  # steps between weight changes
 SAVE_EVERY = 10  # steps between checkpoints
 OUTAGE_S = 8.0
+CORPUS_SAMPLES = 3072  # of 2048 tokens: 12 shards of 1 MiB
+CACHE_LIMIT = "4mb"  # a third of the corpus: shards are evicted and fetched again all along
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "mixstream-soak"
 
 
@@ -180,21 +182,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     run = args.workdir.resolve() / f"run-{uuid.uuid4().hex[:8]}"
     run.mkdir(parents=True)
-    corpus = prepare_corpus(args.workdir.resolve(), 6144, 1)  # 24 shards of 1 MiB
-    began = time.monotonic()
+    corpus = prepare_corpus(args.workdir.resolve(), CORPUS_SAMPLES, 1)  # 12 shards of 1 MiB
     tally: Counter[str] = Counter()
     with S3Server(data_dir=run / "s3") as server, FaultProxy(server.endpoint_url, seed=0) as proxy:
         with server.apply_env():
             storage.upload_tree(corpus, "s3://mixstream/soak")
         env = {**server.subprocess_env(), "S3_ENDPOINT_URL": proxy.url}
         readers = []
+        began = time.monotonic()
         for i in range(args.readers):
             job = {
                 "manifest": "s3://mixstream/soak",
                 "workers": args.workers,
                 "seed": 100 + i,
                 "cache": str(run / f"cache{i}"),
-                "cache_limit": "6mb",
+                "cache_limit": CACHE_LIMIT,
                 "state": str(run / f"state{i}.json"),
                 "record": str(run / f"record{i}.jsonl"),
                 "stop": str(run / "stop"),
@@ -279,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     faults_line = ", ".join(f"{v} {k}" for k, v in sorted(tally.items()))
     markdown = "\n".join([
         f"{args.readers} readers (batch {BATCH}, {args.workers} DataLoader worker(s) each, "
-        f"`cache_limit='6mb'` over 24 shards of 1 MiB so shards are evicted and fetched "
+        f"`cache_limit='{CACHE_LIMIT}'` over 12 shards of 1 MiB so shards are evicted and fetched "
         f"again all run long, a weight change every {CHANGE_EVERY} steps, a checkpoint every "
         f"{SAVE_EVERY}, a {args.step_ms:g} ms training step) for {soak_s / 60:.1f} minutes "
         f"over one SeaweedFS through the fault proxy: {faults_line} (server stopped "
