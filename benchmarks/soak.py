@@ -107,9 +107,19 @@ class Reader:
 
     def __init__(self, job: dict[str, Any], env: dict[str, str], log: Path) -> None:
         self.job, self.env, self.log, self.kills = job, env, log, 0
+        self.started_at = 0  # record lines when last (re)started
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def delivered_steps(self) -> int:
+        """Lines in the record so far (a cheap progress count)."""
+        try:
+            with open(self.job["record"], "rb") as f:
+                return sum(1 for _ in f)
+        except FileNotFoundError:
+            return 0
+
     def start(self) -> None:
+        self.started_at = self.delivered_steps()
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "benchmarks.soak", "--reader", json.dumps(self.job)],
@@ -137,6 +147,12 @@ def delivered(record: Path) -> list[list[int]]:
         steps[step] = prints
     last = max(steps, default=0)
     return [steps.get(s, []) for s in range(1, last + 1)]
+
+
+def _check(readers: list[Reader]) -> None:
+    for r in readers:
+        if r.proc is not None and r.proc.poll() not in (None, 0):
+            raise SystemExit(f"a reader failed; see {r.log}:\n{r.log.read_text()[-3000:]}")
 
 
 def faults(
@@ -189,7 +205,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             storage.upload_tree(corpus, "s3://mixstream/soak")
         env = {**server.subprocess_env(), "S3_ENDPOINT_URL": proxy.url}
         readers = []
-        began = time.monotonic()
         for i in range(args.readers):
             job = {
                 "manifest": "s3://mixstream/soak",
@@ -205,24 +220,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
             readers.append(Reader(job, env, run / f"reader{i}.log"))
             readers[-1].start()
+        # The clock starts once every reader delivers (interpreter start-up and the first
+        # shards can take minutes on a loaded machine).
+        while not all(r.delivered_steps() for r in readers):
+            _check(readers)
+            time.sleep(1)
+        began = time.monotonic()
         deadline = began + args.minutes * 60
         stop = threading.Event()
         injector = threading.Thread(
             target=faults, args=(proxy, server, stop, began + args.minutes * 24, tally)
         )
         injector.start()
-        next_kill = time.monotonic() + args.kill_every
+        # Reader 0 is killed once it has delivered for --kill-every seconds since it resumed.
+        delivering_since: float | None = time.monotonic()
         try:
             while time.monotonic() < deadline:
                 time.sleep(1)
-                for r in readers:
-                    if r.proc is not None and r.proc.poll() not in (None, 0):
-                        raise SystemExit(
-                            f"a reader failed; see {r.log}:\n{r.log.read_text()[-3000:]}"
-                        )
-                if time.monotonic() >= next_kill:
-                    readers[0].kill_and_resume()
-                    next_kill += args.kill_every
+                _check(readers)
+                first = readers[0]
+                if delivering_since is None and first.delivered_steps() > first.started_at:
+                    delivering_since = time.monotonic()
+                if delivering_since and time.monotonic() - delivering_since >= args.kill_every:
+                    first.kill_and_resume()
+                    delivering_since = None
         finally:
             stop.set()
             injector.join()
