@@ -44,7 +44,7 @@ CHANGE_EVERY = 7  # steps between weight changes
 SAVE_EVERY = 10  # steps between checkpoints
 OUTAGE_S = 8.0
 CORPUS_SAMPLES = 3072  # of 2048 tokens: 12 shards of 1 MiB
-CACHE_LIMIT = "4mb"  # a third of the corpus: shards are evicted and fetched again all along
+CACHE_LIMIT = "8mb"  # under half the corpus (raw + zip): shards are evicted and fetched again
 DEFAULT_WORKDIR = Path(tempfile.gettempdir()) / "mixstream-soak"
 
 
