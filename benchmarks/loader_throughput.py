@@ -15,6 +15,13 @@ directory per run, so S3 runs download every shard they touch). Local runs start
 compressed shards only: streaming decompresses a local stream's shards next to them, and
 those files are deleted before every run so each one pays for decompression.
 
+Verification cost (``--verification``, also part of a full run): ours with 2048-token
+shards verified on download (``validate_hash='xxh64'``, the default) and cached shards
+re-checked on first use per process (``verify_cache=True``, the default), against the
+same reader with both off, side by side in the same rounds, from a cold cache (every shard
+fetched and decompressed) and a warm one (every shard already decompressed: the case where
+``verify_cache`` hashes every shard it opens).
+
 Every run is a fresh Python process; the cells are interleaved (ours and plain side by
 side, round after round) and medians are reported. The trainer-side cost of
 ``set_weights`` (every step) and of ``state_dict`` (every ``--state-every`` steps) is timed
@@ -24,6 +31,7 @@ Run from the repository root::
 
     .venv/bin/python -m benchmarks.loader_throughput                     # full run
     .venv/bin/python -m benchmarks.loader_throughput --quick --no-write  # smoke test
+    .venv/bin/python -m benchmarks.loader_throughput --verification-only  # just those cells
 """
 
 from __future__ import annotations
@@ -73,6 +81,10 @@ NOISY_CORES = 0.15
 STALL_S = 20.0  # a first batch slower than this is reported as a stall
 RUN_TIMEOUT_S = 180.0
 LOADERS = ("plain", "ours")
+# Verification modes of ours: (validate_hash, verify_cache). "off" is the anchor.
+VERIFY = {"off": (None, False), "download": ("xxh64", False), "all": ("xxh64", True)}
+VERIFY_CELLS = (("cold", "off"), ("cold", "download"), ("cold", "all"), ("warm", "off"),
+                ("warm", "all"))  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,12 +197,15 @@ def run_loader(job: dict[str, Any]) -> dict[str, Any]:
         if kind == "ours":
             from mixstream import DynamicStreamingDataset
 
+            validate_hash, verify_cache = VERIFY[job.get("verify", "all")]
             ds: Any = DynamicStreamingDataset(
                 manifest=job["manifest"],
                 batch_size=BATCH,
                 num_workers=workers,
                 prefetch_factor=PREFETCH,
                 local=cache,
+                validate_hash=validate_hash,
+                verify_cache=verify_cache,
             )
         else:
             from streaming import Stream, StreamingDataset
@@ -412,8 +427,13 @@ def run_cell(
     roots: dict[str, str],
     local_root: Path,
     env: dict[str, str],
+    verify: str | None = None,
+    warm: Path | None = None,
 ) -> tuple[dict[str, Any] | None, list[str]]:
     """One measurement (None if every attempt hung or failed) and the incidents met on the way.
+
+    ``verify`` picks ours' verification mode (:data:`VERIFY`); ``warm`` is a cache directory
+    already holding every decompressed shard, read instead of a fresh one.
 
     Noisy runs are repeated up to ``--retries`` times; hung or failed runs up to
     ``--retries + 2`` times, each one recorded as an incident.
@@ -430,12 +450,17 @@ def run_cell(
     }
     incidents: list[str] = []
     noisy = 0
+    if verify is not None:
+        job["verify"] = verify
     for _ in range(args.retries + 3):
         cache = None
-        if source == "s3":
+        if warm is not None:
+            job["cache"] = str(warm)  # read only: every mode of a round sees the same cache
+        elif source == "s3" or kind == "ours":
+            # ours decompresses a local corpus into its cache too: a fresh one per run
             cache = args.workdir / f"cache-{uuid.uuid4().hex[:12]}"
             job["cache"] = str(cache)
-        else:
+        if source == "local":
             reset_local(local_root)
         try:
             result = launch(job, env, args.idle_timeout, timeout=args.run_timeout)
@@ -462,6 +487,119 @@ def run_cell(
             flush=True,
         )
     return None, incidents
+
+
+def measure_verification(
+    args: argparse.Namespace,
+    roots: dict[str, str],
+    local_root: Path,
+    env: dict[str, str],
+    sources: Sequence[str],
+    rnd: int,
+    cells: dict[tuple[str, int, str, str], Cell],
+) -> None:
+    """One round of the verification cells: every (cache, mode) of :data:`VERIFY_CELLS` per
+    source and worker count, side by side; a warm cache is primed once per source and round
+    (by an unmeasured unverified read of the same samples) and shared by its cells."""
+    for source in sources:
+        warm = args.workdir / f"warm-{uuid.uuid4().hex[:12]}"
+        prime = {
+            "kind": "ours",
+            "source": source,
+            "workers": 0,
+            "round": rnd,
+            "read": args.read,
+            "state_every": args.state_every,
+            "root": roots[source],
+            "manifest": f"{roots[source]}/mixture.json",
+            "cache": str(warm),
+            "verify": "off",
+        }
+        try:
+            primed = launch(prime, env, args.idle_timeout, timeout=args.run_timeout)
+            if primed.get("hung") or primed.get("failed"):
+                raise SystemExit(f"priming a warm cache failed: {primed}")
+            for workers in args.workers:
+                order = VERIFY_CELLS if rnd % 2 == 0 else VERIFY_CELLS[::-1]
+                for cache, mode in order:
+                    r, incidents = run_cell(
+                        "ours", source, workers, rnd, args, roots, local_root, env,
+                        verify=mode, warm=warm if cache == "warm" else None,
+                    )  # fmt: skip
+                    c = cells.setdefault((source, workers, cache, mode), Cell())
+                    c.incidents += incidents
+                    if r is None:
+                        continue
+                    c.rounds.append(rnd)
+                    c.rate.append(r["steady_samples"] / r["steady_s"])
+                    c.others.append(r["others"])
+                    print(
+                        f"round {rnd + 1} verification {source:>5} {workers}w {cache} "
+                        f"{mode:>8}: {c.rate[-1]:8,.0f} samples/s, others {r['others']:.2f}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        finally:
+            shutil.rmtree(warm, ignore_errors=True)
+
+
+def report_verification(
+    cells: dict[tuple[str, int, str, str], Cell], args: argparse.Namespace, sources: Sequence[str]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The verification table (ratios against the unverified run of the same round)."""
+    rows = [
+        "| source | workers | cache | verified | samples/s | / unverified | each round "
+        "| others' CPU | incidents |",
+        "|---|---:|---|---|---:|---:|---|---:|---:|",
+    ]
+    out: list[dict[str, Any]] = []
+    label = {
+        "off": "nothing (anchor)",
+        "download": "download (`validate_hash`)",
+        "all": "download + cache (`verify_cache`): the default",
+    }
+    for source in sources:
+        for workers in args.workers:
+            for cache, mode in VERIFY_CELLS:
+                c = cells.get((source, workers, cache, mode), Cell())
+                anchor = cells.get((source, workers, cache, "off"), Cell())
+                if not (c.rate and anchor.rate):
+                    rows.append(f"| {source} | {workers} | {cache} | {label[mode]} | no result "
+                                f"| | | | {len(c.incidents)} |")  # fmt: skip
+                    continue
+                paired = dict(zip(anchor.rounds, anchor.rate, strict=True))
+                each = [r / paired[k] for k, r in zip(c.rounds, c.rate, strict=True) if k in paired]
+                ratio = median(c.rate) / median(anchor.rate)
+                rows.append(
+                    f"| {source} | {workers} | {cache} | {label[mode]} | {median(c.rate):,.0f} "
+                    f"| **{ratio:.3f}** | {', '.join(f'{x:.3f}' for x in each)} "
+                    f"| {max(c.others + anchor.others):.2f} | {len(c.incidents)} |"
+                )
+                out.append(
+                    {
+                        "source": source,
+                        "workers": workers,
+                        "cache": cache,
+                        "verify": mode,
+                        "samples_per_s": median(c.rate),
+                        "ratio_vs_unverified": ratio,
+                        "ratio_each_round": each,
+                        "others_cores": max(c.others + anchor.others),
+                        "incidents": len(c.incidents),
+                    }
+                )
+    body = [
+        "Verification cost (ours only, calling `set_weights` after every batch as above; "
+        f"{args.read:,} samples per run, {args.repeats} rounds, the modes of a round side "
+        "by side and interleaved). **cold**: a fresh cache, every "
+        "shard fetched and decompressed; **warm**: the shards the run reads are already "
+        "decompressed in the cache (primed by an unmeasured run), so `verify_cache` hashes "
+        "each on its first use in each process. **/ unverified** is the median rate over "
+        "the median rate of `validate_hash=None, verify_cache=False` in the same rounds.",
+        "",
+        "\n".join(rows),
+    ]
+    return "\n".join(body), out
 
 
 def _ms(seconds: float) -> str:
@@ -713,6 +851,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--run-timeout", type=float, default=RUN_TIMEOUT_S, help="kill a run after this long"
     )
+    parser.add_argument(
+        "--verification-only",
+        action="store_true",
+        help="only the verification-cost cells (own RESULTS.md section and JSON file)",
+    )
+    parser.add_argument("--no-verification", action="store_true", help="skip those cells")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -750,8 +894,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"uploaded the corpus to {prefix} in {up.seconds:.1f} s", file=sys.stderr)
     try:
         cells: dict[tuple[str, str, int], Cell] = {}
+        vcells: dict[tuple[str, int, str, str], Cell] = {}
         raw: list[float] = []
+        trainer = None
         for rnd in range(args.repeats):
+            if not args.no_verification:
+                measure_verification(args, roots, local_root, env, sources, rnd, vcells)
+            if args.verification_only:
+                continue
             result = launch({"kind": "raw", "root": str(local_root)}, env, args.idle_timeout)
             raw.append(result["samples"] / result["total_s"])
             print(f"round {rnd + 1}: raw zstd {raw[-1]:,.0f} samples/s", file=sys.stderr)
@@ -784,6 +934,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                             file=sys.stderr,
                             flush=True,
                         )
+        if args.verification_only:
+            return _publish_verification(vcells, args, sources, stats, began)
         trainer = launch(
             {
                 "kind": "trainer",
@@ -803,6 +955,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.stop()
 
     markdown, misses, results = report(cells, raw, trainer, stats, args, sources)
+    if vcells:
+        vmarkdown, results["verification"] = report_verification(vcells, args, sources)
+        markdown += "\n\n" + vmarkdown
     verdict = (
         "- Targets: ours >= 1.0x plain in every cell, without incidents, and "
         "`set_weights` p99 < 1 ms: "
@@ -817,6 +972,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     publish(SECTION, markdown, quick=args.quick, write=not args.no_write,
             name="loader_throughput", results=results)  # fmt: skip
+    print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
+    return 0
+
+
+def _publish_verification(
+    vcells: dict[tuple[str, int, str, str], Cell],
+    args: argparse.Namespace,
+    sources: Sequence[str],
+    stats: dict[str, Any],
+    began: float,
+) -> int:
+    markdown, rows = report_verification(vcells, args, sources)
+    corpus = (
+        f"Corpus as in the loader throughput section: {stats['samples']:,} samples of "
+        f"{SEQ_LEN} tokens, {stats['shards']} shards of at most {args.shard_mb} MiB, zstd + "
+        "xxh64."
+    )
+    publish(f"{SECTION}: verification cost", corpus + "\n\n" + markdown, quick=args.quick,
+            write=not args.no_write, name="loader_throughput_verification",
+            results={"corpus": stats, "verification": rows})  # fmt: skip
     print(f"benchmark took {time.perf_counter() - began:.0f} s", file=sys.stderr)
     return 0
 

@@ -38,14 +38,16 @@ from filelock import FileLock
 from streaming import Stream, StreamingDataset
 from streaming.base.dataset import _ShardState
 from streaming.base.format.mds.reader import MDSReader
+from streaming.base.hashing import get_hashes, is_hash
 from torch.utils.data import get_worker_info
 
-from mixstream import sharedmem, storage
+from mixstream import sharedmem
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest
 from mixstream.plan import MixturePlan, PlanState
 from mixstream.shardindex import ShardIndexError, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
+from mixstream.stream import DEFAULT_RETRY_SECONDS, ResilientStream, check_retry_seconds
 from mixstream.weights import SchedulePast, Weights, WeightSchedule, normalize_weights
 
 __all__ = ["DynamicStreamingDataset", "MixtureStateError"]
@@ -90,15 +92,15 @@ def _streams_from_manifest(
     names = list(groups) if groups is not None else manifest.group_names
     for name in names:
         manifest.split(name, split)  # raises a clear error for unknown groups/splits
-    remote = storage.is_remote(manifest.root)
     root = cache_root or _default_cache_root(f"{manifest.root}|{split}")
-    streams = []
-    for name in names:
-        url = manifest.stream_url(name, split)
-        if remote:
-            streams.append(Stream(remote=url, local=os.path.join(root, name, split)))
-        else:
-            streams.append(Stream(local=url))
+    # A local corpus is read like a remote one: its shards are copied and decompressed into
+    # the cache, never into the corpus (which may be a read-only shared mount).
+    streams: list[Stream] = [
+        ResilientStream(
+            remote=manifest.stream_url(name, split), local=os.path.join(root, name, split)
+        )
+        for name in names
+    ]
     return names, streams
 
 
@@ -118,9 +120,21 @@ class DynamicStreamingDataset(StreamingDataset):
         shuffle_block_size: samples per shuffle block; a reader works within one block of
             each group at a time, so this bounds the shards it touches.
         epoch_size: samples per epoch (default: all samples of all groups).
-        local: cache directory for remote streams (default: a temp dir keyed by manifest).
-        cache_limit, predownload, download_retry, download_timeout, validate_hash: as in
-            ``StreamingDataset``.
+        local: cache directory (default: a temp dir keyed by manifest). Shards of a local
+            corpus are decompressed here too; the corpus itself is only ever read.
+        cache_limit, predownload, download_timeout: as in ``StreamingDataset``.
+        download_retry_seconds: how long to keep retrying a file whose download fails with a
+            transient error (unreachable store, resets, timeouts, 5xx, ``SlowDown``), with
+            exponential backoff and jitter, before failing with a message naming the file
+            and the endpoint (see :mod:`mixstream.stream`). ``download_retry`` is only used
+            by ``streams=`` of a ``Stream`` subclass of the caller's own.
+        validate_hash: hash every shard is checked against on download, on decompression
+            and (with ``verify_cache``) on first use per process; ``xxh64`` (what shard-tools
+            writes) by default, ``None`` to skip hashing. Sizes are always checked; shards
+            whose index has no such hash (plain streaming writes none unless asked) are
+            checked by size only, with a warning.
+        verify_cache: check decompressed shards already in the cache against their index on
+            first use in each process, and fetch damaged ones again.
         num_workers, prefetch_factor: what the DataLoader will use; they set the automatic
             update lag ``num_workers * prefetch_factor + 1`` (1 with no workers).
         update_lag: explicit lag in global batches (overrides the automatic one).
@@ -150,8 +164,10 @@ class DynamicStreamingDataset(StreamingDataset):
         cache_limit: int | str | None = None,
         predownload: int | None = None,
         download_retry: int = 2,
+        download_retry_seconds: float = DEFAULT_RETRY_SECONDS,
         download_timeout: float = 60,
-        validate_hash: str | None = None,
+        validate_hash: str | None = "xxh64",
+        verify_cache: bool = True,
         num_workers: int = 0,
         prefetch_factor: int = 2,
         update_lag: int | None = None,
@@ -181,6 +197,13 @@ class DynamicStreamingDataset(StreamingDataset):
             self._column = None
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
+        retry_seconds = check_retry_seconds(download_retry_seconds)
+        if validate_hash is not None and not is_hash(validate_hash):
+            raise ValueError(
+                f"validate_hash must be one of {sorted(get_hashes())} or None, got "
+                f"{validate_hash!r}"
+            )
+        self.verify_cache = bool(verify_cache)
         # streaming builds its sample->shard table with O(samples) memory; swap in ours for
         # the duration of its constructor (the only place it is created).
         original = streaming_dataset_module.Spanner
@@ -191,9 +214,9 @@ class DynamicStreamingDataset(StreamingDataset):
         try:
             # streaming's constructor fills in each stream's defaults; copies keep the
             # caller's as given. Each copy checks its index before any shard I/O.
-            copies = [copy.copy(s) for s in streams]
+            copies = [_resilient(copy.copy(s), retry_seconds) for s in streams]
             for s in copies:
-                s.get_shards = _checked_get_shards(s)  # type: ignore[method-assign]
+                s.get_shards = _checked_get_shards(s, self.verify_cache)  # type: ignore[method-assign]
             try:
                 with sharedmem.agreeing_prefix(holdings), sharedmem.recording(holdings.segments):
                     super().__init__(
@@ -1020,10 +1043,13 @@ class _CountedMDSReader(MDSReader):
     """
 
     index_name = ""  # the index the reader came from, for messages
+    stream: ResilientStream | None = None  # checks the cached file on first read, if set
     _count_checked = False
 
     def get_sample_data(self, idx: int) -> bytes:
         if not self._count_checked:
+            if self.stream is not None:
+                self.stream.check_cached(self)
             filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
             with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
                 head = f.read(4)
@@ -1038,17 +1064,48 @@ class _CountedMDSReader(MDSReader):
         return super().get_sample_data(idx)
 
 
-def _checked_get_shards(stream: Stream) -> Any:
+def _resilient(stream: Stream, retry_seconds: float) -> Stream:
+    """A copy of a plain ``Stream`` made a :class:`ResilientStream` (retries, verification);
+    a subclass of the caller's own keeps its class (its downloads are its own)."""
+    if type(stream) is Stream:
+        stream.__class__ = ResilientStream
+        stream._verified = set()  # type: ignore[attr-defined]
+        stream.download_retry_seconds = None  # type: ignore[attr-defined]
+    if isinstance(stream, ResilientStream) and stream.download_retry_seconds is None:
+        stream.download_retry_seconds = retry_seconds
+    return stream
+
+
+def _checked_get_shards(stream: Stream, verify_cache: bool) -> Any:
     """``stream.get_shards`` that checks the index (:mod:`mixstream.shardindex`) before any
-    shard I/O, and gives MDS shards readers that check their sample count on first use."""
+    shard I/O, and gives MDS shards readers that check their sample count (and, with
+    ``verify_cache``, their cached file) on first use."""
     get_shards = checked_get_shards(stream)
 
     def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
         shards = get_shards(world, allow_unsafe_types)
+        unhashed = [
+            i
+            for i, shard in enumerate(shards)
+            if isinstance(stream, ResilientStream) and stream.missing_hash(shard) is not None
+        ]
+        if unhashed:
+            log.warning(
+                "%s: %d of %d shards have no %s hash (shard %d first); they are checked by "
+                "size only. Re-convert the stream with shard-tools (which records xxh64) to "
+                "have them verified",
+                index_location(stream),
+                len(unhashed),
+                len(shards),
+                stream.validate_hash,
+                unhashed[0],
+            )
         for shard in shards:
             if type(shard) is MDSReader:
                 shard.__class__ = _CountedMDSReader
                 shard.index_name = index_location(stream)
+                if isinstance(stream, ResilientStream) and verify_cache:
+                    shard.stream = stream
         return shards
 
     return wrapped

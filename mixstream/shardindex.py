@@ -199,15 +199,25 @@ def checked_get_shards(stream: Any) -> Callable[..., list[Any]]:
         local_dir = os.path.join(stream.local, stream.split)
         filename = os.path.join(local_dir, INDEX_NAME)
         where = index_location(stream)
+        # Files are written in the cache and, from a local source, copied from its directory:
+        # a name may leave neither (a symlink in the source pointing out of it included).
+        dirs = [local_dir]
+        if stream.remote and "://" not in stream.remote:
+            dirs.append(os.path.join(stream.remote, stream.split))
+
+        def check() -> None:
+            with open(filename) as f:
+                obj = json.load(f)
+            for directory in dirs:
+                check_index(obj, where, directory)
+
         try:
             try:
                 shards = original(stream, world, allow_unsafe_types)
             except (KeyError, TypeError, AttributeError) as exc:
-                with open(filename) as f:
-                    check_index(json.load(f), where, local_dir)
+                check()
                 raise ShardIndexError(f"{where} is malformed ({exc!r})") from None
-            with open(filename) as f:
-                check_index(json.load(f), where, local_dir)
+            check()
         except ShardIndexError:
             if stream.remote and world.is_local_leader:
                 with contextlib.suppress(OSError):

@@ -204,6 +204,31 @@ class S3Server:
             self._data_dir = None
             self._owns_data_dir = False
 
+    def halt(self) -> None:
+        """Stop the server process but keep its ports and data: an outage, ended by
+        :meth:`resume` on the same endpoint with the same objects."""
+        if not self.running:
+            raise RuntimeError(f"{self!r} is not running")
+        self._terminate(keep_ports=True)
+
+    def resume(self) -> None:
+        """Restart a :meth:`halt`-ed server on the same ports and data; wait until it serves."""
+        if self._proc is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        if not self._ports or self._data_dir is None:
+            raise RuntimeError("resume() follows halt(); use start() for a stopped server")
+        began = time.monotonic()
+        self._launch(find_weed(), reuse_ports=True)
+        try:
+            self._wait_ready(began + self.startup_timeout)
+        except _EarlyExit as exc:
+            self._terminate(keep_ports=True)
+            raise RuntimeError(
+                f"SeaweedFS exited while resuming on its old ports (code {exc.returncode}; "
+                f"another process may have taken one); log {self.log_path}:\n{self._log_tail()}"
+            ) from None
+        self.startup_seconds = time.monotonic() - began
+
     def __enter__(self) -> S3Server:
         return self.start()
 
@@ -384,8 +409,9 @@ class S3Server:
         env["HOME"] = str(self.data_dir)  # weed reads ~/.seaweedfs/*.toml; keep it hermetic
         return env
 
-    def _launch(self, weed: Path) -> None:
-        self._ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
+    def _launch(self, weed: Path, reuse_ports: bool = False) -> None:
+        if not reuse_ports:
+            self._ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS)), strict=True))
         (self.data_dir / "data").mkdir(exist_ok=True)
         if self._log_file is None:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in _terminate
@@ -439,7 +465,7 @@ class S3Server:
                 raise RuntimeError(message + self._log_tail())
             time.sleep(0.05)
 
-    def _terminate(self) -> None:
+    def _terminate(self, keep_ports: bool = False) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -460,7 +486,8 @@ class S3Server:
                 with contextlib.suppress(OSError):
                     if sock_path.is_socket():
                         sock_path.unlink()
-        self._ports = {}
+        if not keep_ports:
+            self._ports = {}
 
     def _log_tail(self) -> str:
         """The log of the last launch: all of it if short, else its head and tail."""

@@ -1,0 +1,227 @@
+"""Shards are checked against their index by default, and local corpora are only ever read.
+
+Tampered shards on the real SeaweedFS (a flipped byte that zstd still decodes, a truncated
+file, an undecodable one), a byte flipped in a decompressed shard already in the cache, and
+a read-only corpus read by a process that cannot write it (another uid).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import pickle
+import shutil
+import stat
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zstd
+from helpers import tree_bytes
+from mixture_harness import fingerprint
+
+from mixstream import DynamicStreamingDataset, storage
+from mixstream.stream import ShardCorruptError
+
+SHARD = "beta/train/shard.00001.mds.zstd"
+
+
+def _epoch(ds: DynamicStreamingDataset) -> list[tuple[int, int]]:
+    import torch
+
+    try:
+        return [(fingerprint(torch.as_tensor(s["input_ids"])), int(s["group"])) for s in ds]
+    finally:
+        ds.close()
+
+
+def _dataset(manifest: str, cache: Path, **options: Any) -> DynamicStreamingDataset:
+    return DynamicStreamingDataset(
+        manifest=manifest, batch_size=4, local=str(cache), seed=3, **options
+    )
+
+
+def _fresh_copy(mixture: str, dest: Path) -> Path:
+    """The converted corpus as shard-tools wrote it (no decompressed shards beside it)."""
+    shutil.copytree(mixture, dest, ignore=shutil.ignore_patterns("*.mds", "*.tmp"))
+    return dest
+
+
+def _decodable_flip(data: bytes) -> bytes:
+    """``data`` with one byte changed such that zstd still decodes it, to other content."""
+    original = zstd.decompress(data)
+    for pos in range(len(data) - 1, len(data) // 2, -1):
+        tampered = bytearray(data)
+        tampered[pos] ^= 0x01
+        try:
+            if zstd.decompress(bytes(tampered)) != original:
+                return bytes(tampered)
+        except zstd.Error:
+            continue
+    raise AssertionError("no byte of the shard can be flipped undetected by zstd")
+
+
+def _undecodable(data: bytes) -> bytes:
+    tampered = bytearray(data)
+    tampered[4:12] = b"\xff" * 8  # the frame header: zstd refuses it
+    return bytes(tampered)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "problem"),
+    [
+        (_decodable_flip, "its xxh64 hash does not match its index"),
+        (lambda d: d[: len(d) // 2], "bytes but its index says"),
+    ],
+    ids=["flipped-byte", "truncated"],
+)
+def test_a_tampered_shard_on_s3_is_refused_by_default_naming_it(
+    mixture: str, tmp_path: Path, s3_env: Any, s3_prefix: str, tamper: Any, problem: str
+) -> None:
+    """Without any option: the shard is fetched again once, then refused by name -- never a
+    wrong sample, never a bare ``zstd.Error``."""
+    corpus = _fresh_copy(mixture, tmp_path / "corpus")
+    shard = corpus / SHARD
+    shard.write_bytes(tamper(shard.read_bytes()))
+    storage.upload_tree(corpus, s3_prefix)
+    with pytest.raises(ShardCorruptError) as info:
+        _epoch(_dataset(s3_prefix, tmp_path / "cache"))
+    message = str(info.value)
+    assert message.startswith(f"shard {s3_prefix}/{SHARD} is corrupt: ") and problem in message
+    assert "A fresh download did not match either" in message
+    assert not (tmp_path / "cache" / SHARD).exists()  # no bad copy left in the cache
+
+
+def test_an_undecodable_shard_is_named_even_without_hashes(
+    mixture: str, tmp_path: Path, s3_env: Any, s3_prefix: str
+) -> None:
+    corpus = _fresh_copy(mixture, tmp_path / "corpus")
+    shard = corpus / SHARD
+    shard.write_bytes(_undecodable(shard.read_bytes()))
+    storage.upload_tree(corpus, s3_prefix)
+    with pytest.raises(ShardCorruptError) as info:
+        _epoch(_dataset(s3_prefix, tmp_path / "cache", validate_hash=None))
+    message = str(info.value)
+    assert message.startswith(f"shard {s3_prefix}/{SHARD} cannot be decompressed (zstd: ")
+
+
+def test_shards_without_hashes_are_read_checked_by_size_with_a_warning(
+    mixture: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Plain streaming writes no hashes unless asked: such a stream is still read (with a
+    warning saying it is checked by size only), and a truncated shard is still refused."""
+    corpus = _fresh_copy(mixture, tmp_path / "corpus")
+    index = corpus / "beta" / "train" / "index.json"
+    obj = json.loads(index.read_text())
+    for entry in obj["shards"]:
+        for key in ("raw_data", "zip_data"):
+            entry[key]["hashes"] = {}
+    index.write_text(json.dumps(obj))
+    with caplog.at_level(logging.WARNING):
+        expected = _epoch(_dataset(str(corpus), tmp_path / "cache"))
+    assert f"{index}: {len(obj['shards'])} of {len(obj['shards'])} shards have no xxh64" in (
+        caplog.text
+    )
+    assert expected == _epoch(_dataset(mixture, tmp_path / "cache2"))
+    shard = corpus / SHARD
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(ShardCorruptError, match=r"is \d+ bytes but its index says"):
+        _epoch(_dataset(str(corpus), tmp_path / "cache3"))
+
+
+@pytest.mark.parametrize("source", ["s3", "local"])
+def test_a_byte_flipped_in_a_cached_shard_is_caught_and_fetched_again(
+    mixture: str,
+    tmp_path: Path,
+    s3_env: Any,
+    s3_prefix: str,
+    source: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A decompressed shard damaged in the cache after an earlier run: the next run reads it
+    once, finds it does not match its index, fetches it again, and delivers the exact
+    sequence."""
+    corpus = _fresh_copy(mixture, tmp_path / "corpus")
+    manifest = str(corpus)
+    if source == "s3":
+        storage.upload_tree(corpus, s3_prefix)
+        manifest = s3_prefix
+    cache = tmp_path / "cache"
+    expected = _epoch(_dataset(manifest, cache))
+    raw = cache / SHARD.removesuffix(".zstd")
+    data = bytearray(raw.read_bytes())
+    data[-3] ^= 0x40  # inside the shard's last sample
+    raw.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="mixstream.stream"):
+        got = _epoch(_dataset(manifest, cache))
+    assert got == expected
+    assert f"cached shard {raw} does not match its index" in caplog.text
+    assert raw.read_bytes() != bytes(data)
+
+
+@contextlib.contextmanager
+def _unwritable_copy(mixture: str) -> Iterator[Path]:
+    # Outside pytest's private (0700) temp dir, so another uid can reach it.
+    base = Path(tempfile.mkdtemp(prefix="mixstream-ro-"))
+    try:
+        base.chmod(0o755)
+        corpus = _fresh_copy(mixture, base / "corpus")
+        for path in [corpus, *corpus.rglob("*")]:
+            mode = path.stat().st_mode
+            path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH) | 0o444)
+            if path.is_dir():
+                path.chmod(0o555)
+        yield corpus
+    finally:
+        for path in [base, *base.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        shutil.rmtree(base)
+
+
+def _read_as(uid: int, corpus: Path, cache: Path) -> list[tuple[int, int]]:
+    """Read one epoch in a forked child running as ``uid`` (which cannot write the corpus)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        os.close(read_fd)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            result: Any = _epoch(_dataset(str(corpus), cache))
+        except BaseException as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        with os.fdopen(write_fd, "wb") as f:
+            pickle.dump(result, f)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as f:
+        result = pickle.load(f)
+    os.waitpid(pid, 0)
+    assert not isinstance(result, str), result
+    return result
+
+
+def test_a_read_only_corpus_is_read_through_the_cache_and_never_written(
+    mixture: str, tmp_path: Path
+) -> None:
+    """Shards are decompressed into ``local=``, never beside the corpus: the corpus tree is
+    byte-for-byte unchanged with no new file, and a process that cannot write it at all
+    (another uid, as on a shared read-only mount) reads the same sequence."""
+    with _unwritable_copy(mixture) as corpus:
+        before = tree_bytes(corpus)
+        expected = _epoch(_dataset(str(corpus), tmp_path / "cache"))
+        assert tree_bytes(corpus) == before
+        assert any((tmp_path / "cache").rglob("*.mds"))
+        if os.geteuid() == 0:  # root writes anywhere: the real check is another uid
+            cache = Path(tempfile.mkdtemp(prefix="mixstream-ro-cache-"))
+            try:
+                cache.chmod(0o777)
+                assert _read_as(65534, corpus, cache) == expected
+            finally:
+                shutil.rmtree(cache)
+            assert tree_bytes(corpus) == before
