@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -174,6 +175,7 @@ def _train_one(
         sys.executable, "-m", "mixstream", "train", recipe, *overrides,
         f"run_name={run_dir.name}", f"run_dir={run_dir}", f"max_duration={steps}ba",
         f"eval_interval={steps}ba", f"save_interval={steps}ba", "autoresume=true",
+        f"data.local={run_dir / 'cache'}",  # parallel runs must not share a streaming cache
         "algorithm={name: static, weights: " + json.dumps(weights) + "}",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -182,6 +184,7 @@ def _train_one(
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"{run_dir.name} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    shutil.rmtree(run_dir / "cache", ignore_errors=True)
 
 
 def search(

@@ -113,7 +113,7 @@ def test_resample_hands_the_weights_to_the_dataset(mixture: str, tmp_path: Path)
 def test_two_ranks_agree(mixture: str, tmp_path: Path) -> None:
     cfg = {"manifest": mixture, "batch_size": 4, "max_duration": "4ba",
            "algorithm": spec(tmp_path / "run", objective="resample")}  # fmt: skip
-    results = run_ranks(rank_fit, 2, cfg, timeout=300)
+    results = run_ranks(rank_fit, 2, cfg, timeout=900)  # a bound on a hang, not a timing check
     assert results[0]["schedule"] == results[1]["schedule"]
     assert results[0]["method"] == results[1]["method"]
     assert results[0]["method"]["doge"]["updates"] == 2

@@ -133,7 +133,7 @@ def test_two_ranks_pool_their_losses_and_agree(mixture: str, tmp_path: Path) -> 
         "max_duration": "6ba",
         "algorithm": spec(tmp_path / "run"),
     }
-    results = run_ranks(rank_fit, 2, cfg, timeout=300)
+    results = run_ranks(rank_fit, 2, cfg, timeout=900)  # a bound on a hang, not a timing check
     assert results[0]["schedule"] == results[1]["schedule"]
     assert results[0]["method"] == results[1]["method"]
     assert results[0]["method"]["updates"] == 2  # at the phase's end (3) and at 6
