@@ -205,7 +205,9 @@ def check_report_only(args: argparse.Namespace) -> None:
 
 
 def partial_note(runs: Sequence[Run]) -> list[str]:
-    """Report lines saying how many planned runs are missing (none when all finished)."""
+    """Report lines saying how many planned runs are missing (none when all finished); a
+    ``feeds_only`` run that no unfinished run needs is not missing."""
+    runs = [r for r in runs if not _only_feeds_finished(r, runs)]
     done = sum(r.results_file.exists() for r in runs)
     if done == len(runs):
         return []
