@@ -368,15 +368,15 @@ def test_aioli_refuses_runs_it_cannot_serve_and_warns_about_many_groups() -> Non
 def test_aioli_reads_the_run_length_from_composer() -> None:
     from composer.core import Time, TimeUnit
 
-    from mixstream.composer.aioli import _total_steps
+    from mixstream.composer.mixing import total_steps
 
     def state(duration: Any, batches: Any = None) -> Any:
         return SimpleNamespace(max_duration=duration, dataloader_len=batches)
 
-    assert _total_steps(state(Time(700, TimeUnit.BATCH))) == 700
-    assert _total_steps(state(Time(3, TimeUnit.EPOCH), Time(50, TimeUnit.BATCH))) == 150
-    assert _total_steps(state(Time(3, TimeUnit.EPOCH))) is None
-    assert _total_steps(state(None)) is None
+    assert total_steps(state(Time(700, TimeUnit.BATCH))) == 700
+    assert total_steps(state(Time(3, TimeUnit.EPOCH), Time(50, TimeUnit.BATCH))) == 150
+    assert total_steps(state(Time(3, TimeUnit.EPOCH))) is None
+    assert total_steps(state(None)) is None
 
 
 def test_a_schedule_built_at_once_is_the_one_built_entry_by_entry() -> None:

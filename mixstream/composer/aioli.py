@@ -26,11 +26,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from composer.core import State, TimeUnit
+from composer.core import State
 from composer.loggers import Logger
 
 from mixstream.algorithms.aioli import AioliConfig, AioliState
-from mixstream.composer.mixing import MixingAlgorithm
+from mixstream.composer.mixing import MixingAlgorithm, total_steps
 from mixstream.composer.static import load_weights_file
 from mixstream.weights import normalize_weights
 
@@ -121,7 +121,7 @@ class Aioli(MixingAlgorithm):
                 "could not be scheduled in time; raise update_steps or lower num_workers/"
                 "prefetch_factor"
             )
-        warning = config.check_scale(_total_steps(state))
+        warning = config.check_scale(total_steps(state))
         if warning:
             warnings.warn(warning, stacklevel=2)
             log.warning("%s", warning)
@@ -184,15 +184,3 @@ class Aioli(MixingAlgorithm):
 
     def load_method_state(self, state: dict[str, Any]) -> None:
         self._loaded = dict(state) if state else None
-
-
-def _total_steps(state: State) -> int | None:
-    """The run's length in global batches, where Composer knows it (else None)."""
-    duration = state.max_duration
-    if duration is None:
-        return None
-    if duration.unit == TimeUnit.BATCH:
-        return int(duration.value)
-    if duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
-        return int(duration.value) * int(state.dataloader_len)
-    return None

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from composer.core import Algorithm, Event, State
+from composer.core import Algorithm, Event, State, TimeUnit
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist, reproducibility
@@ -49,7 +49,7 @@ from mixstream.composer.signals import (
 from mixstream.dataset import DynamicStreamingDataset
 from mixstream.weights import WeightSchedule, normalize_weights
 
-__all__ = ["WEIGHTS_FILE", "MixingAlgorithm", "find_dataset"]
+__all__ = ["WEIGHTS_FILE", "MixingAlgorithm", "find_dataset", "total_steps"]
 
 WEIGHTS_FILE = "weights.json"
 _EVENTS = (
@@ -438,3 +438,15 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, np.generic):
         return _json_safe(value.item())
     return value
+
+
+def total_steps(state: State) -> int | None:
+    """The run's length in global batches, where Composer knows it (else None)."""
+    duration = state.max_duration
+    if duration is None:
+        return None
+    if duration.unit == TimeUnit.BATCH:
+        return int(duration.value)
+    if duration.unit == TimeUnit.EPOCH and state.dataloader_len is not None:
+        return int(duration.value) * int(state.dataloader_len)
+    return None

@@ -34,8 +34,7 @@ from mixstream import storage
 from mixstream.algorithms.aioli import LearnParamsPlan, sweep_mixtures
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.algorithms.skillit import SkillItState, check_graph, learn_graph
-from mixstream.composer.aioli import _total_steps
-from mixstream.composer.mixing import MixingAlgorithm
+from mixstream.composer.mixing import MixingAlgorithm, total_steps
 from mixstream.composer.static import load_weights_file
 from mixstream.weights import normalize_weights
 
@@ -179,7 +178,7 @@ class SkillIt(MixingAlgorithm):
     # --------------------------------------------------------------- events
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
         self.prior = self._check_groups(self.mixing_dataset.group_names)
-        total = _total_steps(state)
+        total = total_steps(state)
         if total is not None and self.graph_duration >= total:
             raise ValueError(
                 f"SkillIt's graph phase takes graph_rounds * groups * graph_steps = "
@@ -239,7 +238,7 @@ class SkillIt(MixingAlgorithm):
                     update=self.state.updates)  # fmt: skip
         effective = self.set_weights(p, step, logger)
         # Rank 0's mixture (set_weights broadcasts it) is the one every rank keeps.
-        self.state.weights = [float(x) for x in self._schedule().at(effective)]
+        self.state.weights = [float(x) for x in self._weights_at(effective)]
 
     # --------------------------------------------------------------- results and state
     def summary(self, step: int) -> dict[str, Any]:
