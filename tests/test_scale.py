@@ -347,7 +347,7 @@ def test_plan_cache_is_bounded_whatever_the_groups() -> None:
 
 # ----------------------------------------------------------------------------------- Aioli
 def test_aioli_refuses_runs_it_cannot_serve_and_warns_about_many_groups() -> None:
-    config = AioliConfig.defaults_for(1000)
+    config = AioliConfig.defaults_for(1000, prior_steps=0)  # the paper's protocol
     assert config.lp_duration == 8000 and config.evaluations_per_round == 2001
     with pytest.raises(ValueError) as info:
         config.check_scale(total_steps=5000)

@@ -161,7 +161,8 @@ def available(cls: str) -> bool:
 
 METHODS = {
     "static": ("StaticMixture", {"weights": {"alpha": 0.6, "beta": 0.3, "gamma": 0.1}}),
-    # rounds of 4 batches, 3 of them LearnParams (one 1-batch sweep per group): 3 rounds
+    # a 4-batch warm-up, then rounds of 4 batches, 3 of them LearnParams (one 1-batch sweep
+    # per group): 2 rounds
     "aioli": ("Aioli", {"update_steps": 4, "lp_rounds": 1, "lp_steps": 1}),
     "doremi": ("DoReMi", {"update_steps": 2}),
     "dga": ("DGA", {"target": "alpha", "update_steps": 4, "probe_batch_size": 2,
