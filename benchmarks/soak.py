@@ -41,6 +41,7 @@ from benchmarks._common import REPO_ROOT, publish
 SECTION = "soak"
 BATCH = 8
 CHANGE_EVERY = 7  # steps between weight changes
+UPDATE_LAG = 8  # global batches until a change applies: covers up to 3 workers x prefetch 2
 SAVE_EVERY = 10  # steps between checkpoints
 OUTAGE_S = 8.0
 CORPUS_SAMPLES = 3072  # of 2048 tokens: 12 shards of 1 MiB
@@ -66,6 +67,7 @@ def reader_main(job: dict[str, Any]) -> None:
         manifest=job["manifest"],
         batch_size=BATCH,
         num_workers=job["workers"],
+        update_lag=UPDATE_LAG,  # fixed: the reference reads with another worker count
         seed=job["seed"],
         local=job["cache"],
         cache_limit=job.get("cache_limit"),

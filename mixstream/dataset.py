@@ -178,9 +178,10 @@ class DynamicStreamingDataset(StreamingDataset):
             raise ValueError("pass exactly one of manifest= or streams=")
         if batch_size is None or batch_size <= 0:
             raise ValueError(f"batch_size (per device) must be positive, got {batch_size}")
+        retry_seconds = check_retry_seconds(download_retry_seconds)
         if manifest is not None:
             if not isinstance(manifest, Manifest):
-                manifest = Manifest.load(manifest)
+                manifest = Manifest.load(manifest, retry_seconds)
             self.manifest: Manifest | None = manifest
             self.cache_root = local  # other splits of this manifest are cached beside it
             names, streams = _streams_from_manifest(manifest, split, groups, local)
@@ -197,7 +198,6 @@ class DynamicStreamingDataset(StreamingDataset):
             self._column = None
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
-        retry_seconds = check_retry_seconds(download_retry_seconds)
         if validate_hash is not None and not is_hash(validate_hash):
             raise ValueError(
                 f"validate_hash must be one of {sorted(get_hashes())} or None, got "

@@ -160,15 +160,16 @@ class Manifest:
             raise ManifestError(f"{where} is malformed: {exc!r}") from None
 
     @classmethod
-    def load(cls, url: str) -> Manifest:
-        """Load from a manifest URL or from the corpus root that contains it."""
+    def load(cls, url: str, retry_seconds: float = 0.0) -> Manifest:
+        """Load from a manifest URL or from the corpus root that contains it (transient S3
+        errors retried for ``retry_seconds``)."""
         url = str(url).rstrip("/")
         if url.endswith(".json"):
             root = url.rsplit("/", 1)[0] if "/" in url else "."
         else:
             root, url = url, storage.join(url, MANIFEST_NAME)
         try:
-            data = storage.read_bytes(url)
+            data = storage.read_bytes(url, retry_seconds)
         except storage.StorageError as exc:
             raise ManifestError(
                 f"no mixture manifest at {url} ({exc}); convert a corpus with "

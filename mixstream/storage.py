@@ -15,8 +15,11 @@ destination that works here works for the dataset too.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import random
 import shutil
+import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,9 @@ __all__ = [
     "upload_tree",
     "write_bytes",
 ]
+
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -169,13 +175,38 @@ def _guard(url: str, action: str) -> Iterator[None]:
         raise describe_error(exc, url, action) from None
 
 
-def read_bytes(url: str) -> bytes:
-    """Read a whole (small) file from a local path or S3."""
-    with _guard(url, "read"):
-        if is_remote(url):
-            bucket, key = split_s3_url(url)
-            return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
-        return Path(url).read_bytes()
+def read_bytes(url: str, retry_seconds: float = 0.0) -> bytes:
+    """Read a whole (small) file from a local path or S3.
+
+    Transient S3 errors (unreachable, resets, 5xx, ``SlowDown``) are retried with backoff
+    for ``retry_seconds``, as shard downloads are (:mod:`mixstream.stream`): a dataset built
+    while the store is restarting must not fail on its manifest.
+    """
+    from mixstream.stream import retry_delay, transient_reason
+
+    began, attempt, rng = time.monotonic(), 0, random.Random()
+    while True:
+        attempt += 1
+        try:
+            if is_remote(url):
+                bucket, key = split_s3_url(url)
+                return s3_client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            return Path(url).read_bytes()
+        except Exception as exc:
+            transient = transient_reason(exc) if is_remote(url) else None
+            delay = retry_delay(attempt, rng, transient[1]) if transient else 0.0
+            if transient is None or time.monotonic() - began + delay > retry_seconds:
+                with _guard(url, "read"):
+                    raise
+            if attempt == 1:
+                log.warning(
+                    "reading %s at %s failed (%s); retrying with backoff for up to %g s",
+                    url,
+                    _endpoint(),
+                    transient[0],
+                    retry_seconds,
+                )
+            time.sleep(delay)
 
 
 def write_bytes(url: str, data: bytes) -> None:

@@ -183,3 +183,30 @@ def test_a_permanent_outage_fails_within_budget_naming_shard_and_endpoint(
         assert secret not in message and secret not in logged
     # Given up on the budget, not on an attempt count: the message says how long it tried.
     assert re.search(r"still failing \(\w+\) after \d+ attempts? over \d+\.\d s", message)
+
+
+def test_the_manifest_read_rides_out_throttling_at_construction(
+    mixture: str,
+    tmp_path: Path,
+    s3_env: S3Server,
+    s3_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Found by the soak: a reader resumed while the store throttled died on ``mixture.json``,
+    which is read through :mod:`mixstream.storage`, not the stream's downloads. 8 s of
+    SlowDown (longer than botocore's own retries wait) at construction are ridden out."""
+    storage.upload_tree(mixture, s3_prefix)
+    with FaultProxy(s3_env.endpoint_url) as proxy:
+        monkeypatch.setenv("S3_ENDPOINT_URL", proxy.url)
+        proxy.inject("slowdown", seconds=8, retry_after=1)
+        with caplog.at_level(logging.WARNING):
+            ds = DynamicStreamingDataset(
+                manifest=s3_prefix, batch_size=BATCH, local=str(tmp_path / "cache")
+            )
+        ds.close()
+        assert proxy.counts["slowdown"] > 0, proxy.counts
+    assert f"reading {s3_prefix}/mixture.json at {proxy.url} failed (S3 error SlowDown)" in (
+        caplog.text
+    )
+    assert s3_env.secret_key not in caplog.text
