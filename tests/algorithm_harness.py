@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +115,23 @@ def run_script(
         cwd=tmp,
     )
     assert proc.returncode == (-9 if expect_kill else 0), proc.stderr[-3000:]
+
+
+def kill_and_resume(
+    base: dict[str, Any], algorithm: Callable[[Path], dict[str, Any]], tmp: Path, kill_at: int = 10
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """A reference run of ``base``, and the same run SIGKILLed after batch ``kill_at`` (in a
+    child process) then autoresumed here. ``algorithm(run_dir)`` gives each run's spec; the
+    runs' folders are ``tmp/ref-run`` and ``tmp/run``. Returns the batch logs (reference,
+    resumed)."""
+    fit({**base, "algorithm": algorithm(tmp / "ref-run"), "save_folder": str(tmp / "ref-ckpt"),
+         "log_path": str(tmp / "ref.log")})  # fmt: skip
+    crash = {**base, "algorithm": algorithm(tmp / "run"), "save_folder": str(tmp / "ckpt"),
+             "autoresume": True}  # fmt: skip
+    run_script({**crash, "kill_at": kill_at, "log_path": str(tmp / "killed.log")}, tmp,
+               "killed", expect_kill=True)  # fmt: skip
+    fit({**crash, "log_path": str(tmp / "resumed.log")})
+    return read_jsonl(tmp / "ref.log"), read_jsonl(tmp / "resumed.log")
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from algorithm_harness import fit, rank_fit, read_jsonl, run_script
+from algorithm_harness import fit, kill_and_resume, rank_fit
 from mixture_harness import GROUPS
 
 from mixstream.algorithms import DoGE, DoGEState, doge_scores
@@ -122,14 +122,8 @@ def test_two_ranks_agree(mixture: str, tmp_path: Path) -> None:
 def test_kill_and_resume_continues_exactly(mixture: str, tmp_path: Path) -> None:
     """SIGKILL at batch 10 (in a child process); autoresume from batch 8 here."""
     base = {"manifest": mixture, "max_duration": "12ba", "save_interval": "4ba"}
-    fit({**base, "algorithm": spec(tmp_path / "ref-run"), "save_folder": str(tmp_path / "ref"),
-         "log_path": str(tmp_path / "ref.log")})  # fmt: skip
-    crash = {**base, "algorithm": spec(tmp_path / "run"), "save_folder": str(tmp_path / "ckpt"),
-             "autoresume": True}  # fmt: skip
-    run_script({**crash, "kill_at": 10, "log_path": str(tmp_path / "killed.log")}, tmp_path,
-               "killed", expect_kill=True)  # fmt: skip
-    fit({**crash, "log_path": str(tmp_path / "resumed.log")})
-    assert read_jsonl(tmp_path / "resumed.log") == read_jsonl(tmp_path / "ref.log")[8:]
+    reference, resumed = kill_and_resume(base, spec, tmp_path)
+    assert resumed == reference[8:]
 
     def decisions(run: Path) -> list[str]:
         return [json.dumps(r) for r in read_history(run) if r["kind"] in ("doge", "weights")]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from algorithm_harness import fit, rank_fit, read_jsonl, run_script
+from algorithm_harness import fit, kill_and_resume, rank_fit
 from mixture_harness import GROUPS
 
 from mixstream.algorithms import SkillIt
@@ -143,26 +143,7 @@ def test_two_ranks_pool_their_losses_and_agree(mixture: str, tmp_path: Path) -> 
 def test_kill_and_resume_continues_exactly(mixture: str, tmp_path: Path) -> None:
     """SIGKILL at batch 10 (in a child process); autoresume from batch 8 here."""
     base = {"manifest": mixture, "max_duration": "14ba", "save_interval": "4ba"}
-    fit(
-        {
-            **base,
-            "algorithm": spec(tmp_path / "ref-run"),
-            "save_folder": str(tmp_path / "ref-ckpt"),
-            "log_path": str(tmp_path / "ref.log"),
-        }
-    )
-    crash = {
-        **base,
-        "algorithm": spec(tmp_path / "run"),
-        "save_folder": str(tmp_path / "ckpt"),
-        "autoresume": True,
-    }
-    run_script({**crash, "kill_at": 10, "log_path": str(tmp_path / "killed.log")}, tmp_path,
-               "killed", expect_kill=True)  # fmt: skip
-    fit({**crash, "log_path": str(tmp_path / "resumed.log")})
-
-    reference = read_jsonl(tmp_path / "ref.log")
-    resumed = read_jsonl(tmp_path / "resumed.log")
+    reference, resumed = kill_and_resume(base, spec, tmp_path)
     assert [r["batch"] for r in resumed] == list(range(8, 14))  # last checkpoint: batch 8
     assert resumed == reference[8:]
 
