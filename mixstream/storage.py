@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import random
 import shutil
 import time
 import urllib.parse
@@ -182,11 +181,10 @@ def read_bytes(url: str, retry_seconds: float = 0.0) -> bytes:
     for ``retry_seconds``, as shard downloads are (:mod:`mixstream.stream`): a dataset built
     while the store is restarting must not fail on its manifest.
     """
-    from mixstream.stream import retry_delay, transient_reason
+    from mixstream.stream import Backoff, transient_reason
 
-    began, attempt, rng = time.monotonic(), 0, random.Random()
+    backoff = Backoff(retry_seconds)
     while True:
-        attempt += 1
         try:
             if is_remote(url):
                 bucket, key = split_s3_url(url)
@@ -194,11 +192,11 @@ def read_bytes(url: str, retry_seconds: float = 0.0) -> bytes:
             return Path(url).read_bytes()
         except Exception as exc:
             transient = transient_reason(exc) if is_remote(url) else None
-            delay = retry_delay(attempt, rng, transient[1]) if transient else 0.0
-            if transient is None or time.monotonic() - began + delay > retry_seconds:
+            delay = backoff.delay(transient[1]) if transient else None
+            if delay is None:
                 with _guard(url, "read"):
                     raise
-            if attempt == 1:
+            if backoff.failures == 1:
                 log.warning(
                     "reading %s at %s failed (%s); retrying with backoff for up to %g s",
                     url,

@@ -44,6 +44,7 @@ from mixstream.storage import StorageError
 
 __all__ = [
     "DEFAULT_RETRY_SECONDS",
+    "Backoff",
     "ResilientStream",
     "ShardCorruptError",
     "ShardDownloadError",
@@ -176,6 +177,28 @@ def retry_delay(attempt: int, rng: random.Random, retry_after: float | None = No
     return max(delay, retry_after) if retry_after is not None else delay
 
 
+class Backoff:
+    """The retries of one operation within ``budget`` seconds (shard downloads and small
+    reads alike): call :meth:`delay` after each failed attempt."""
+
+    def __init__(self, budget: float) -> None:
+        self.budget = budget
+        self.failures = 0
+        self._began = time.monotonic()
+        self._rng = random.Random()
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._began
+
+    def delay(self, retry_after: float | None = None) -> float | None:
+        """Counts a failed attempt; the seconds to wait before the next one, or None when
+        waiting them would overrun the budget (give up)."""
+        self.failures += 1
+        wait = retry_delay(self.failures, self._rng, retry_after)
+        return None if self.elapsed + wait > self.budget else wait
+
+
 def safe_endpoint(url: str | None) -> str:
     """An endpoint URL fit for a message: scheme, host and port only (no userinfo, query)."""
     if not url:
@@ -256,18 +279,14 @@ class ResilientStream(Stream):
         remote = os.path.join(self.remote, self.split, from_basename)
         local = os.path.join(self.local, self.split, to_basename or from_basename)
         budget = self.download_retry_seconds
-        budget = DEFAULT_RETRY_SECONDS if budget is None else budget
-        rng = random.Random()
-        began = time.monotonic()
-        attempt = 0
+        backoff = Backoff(DEFAULT_RETRY_SECONDS if budget is None else budget)
         while True:
-            attempt += 1
             try:
                 self._downloader.download(remote, local, self.download_timeout)
             except Exception as exc:
                 self._downloader.clean_up()  # a fresh client: the old one's sockets are dead
                 transient = transient_reason(exc)
-                elapsed = time.monotonic() - began
+                elapsed = backoff.elapsed
                 if transient is None:
                     if not _from_botocore(exc):
                         raise  # a local problem (disk, path): streaming's own error says it
@@ -276,15 +295,16 @@ class ResilientStream(Stream):
                         f"{_permanent_reason(exc)}"
                     ) from exc
                 reason, retry_after = transient
-                delay = retry_delay(attempt, rng, retry_after)
-                if elapsed + delay > budget:
+                delay = backoff.delay(retry_after)
+                attempt = backoff.failures
+                if delay is None:
                     raise ShardDownloadError(
                         f"cannot download {remote} from {_source_of(remote)}: still failing "
                         f"({reason}) after {attempt} attempt{'s' if attempt > 1 else ''} over "
                         f"{elapsed:.1f} s; the store "
                         "is unreachable or overloaded. Check that it is up (and "
                         "S3_ENDPOINT_URL), or raise download_retry_seconds (now "
-                        f"{budget:g}) to wait out longer outages"
+                        f"{backoff.budget:g}) to wait out longer outages"
                     ) from None
                 if attempt == 1:
                     log.warning(
@@ -292,16 +312,16 @@ class ResilientStream(Stream):
                         remote,
                         _source_of(remote),
                         reason,
-                        budget,
+                        backoff.budget,
                     )
                 time.sleep(delay)
                 continue
-            if attempt > 1:
+            if backoff.failures:
                 log.warning(
                     "downloaded %s after %d attempts (%.1f s)",
                     remote,
-                    attempt,
-                    time.monotonic() - began,
+                    backoff.failures + 1,
+                    backoff.elapsed,
                 )
             return local
 
