@@ -81,25 +81,47 @@ def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 
 
-#: Set to 1 to run benchmarks beside background work kept at nice 19 (a shared machine):
-#: then CPU time at positive niceness does not count as "others' CPU" (it yields to the
-#: benchmark's processes, which run at nice 0), and the machine line says so.
+#: Set to 1 to run benchmarks beside background work kept at positive niceness (a shared
+#: machine): "others' CPU" then counts only processes at nice <= 0 (the benchmark's own run
+#: at 0, so niced work yields to them), and the machine line says so.
 NICED_IS_IDLE = os.environ.get("MIXSTREAM_BENCH_NICED_IS_IDLE") == "1"
 
 
 def _busy_cpu_seconds() -> float | None:
     """CPU seconds the whole machine spent busy since boot (``/proc/stat``), steal included.
 
-    Without niced time under :data:`NICED_IS_IDLE`.
+    Under :data:`NICED_IS_IDLE`: the CPU seconds of the live processes at nice <= 0 and of
+    the children they reaped (the time of a process that exits meanwhile unreaped is lost:
+    its error is on the lenient side, which that mode accepts).
     """
+    if NICED_IS_IDLE:
+        return _unniced_cpu_seconds()
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:9]]
     except (OSError, ValueError):
         return None
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    busy = user + system + irq + softirq + steal + (0 if NICED_IS_IDLE else nice)
-    return busy / os.sysconf("SC_CLK_TCK")
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stats() -> Iterator[list[bytes]]:
+    """The ``/proc/<pid>/stat`` fields after ``(comm)`` of every live process."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue  # exited meanwhile
+        # state ppid pgrp session ... utime stime cutime cstime priority nice ...
+        yield data[data.rindex(b")") + 2 :].split()
+
+
+def _unniced_cpu_seconds() -> float:
+    total = sum(sum(int(x) for x in f[11:15]) for f in _proc_stats() if int(f[16]) <= 0)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _own_cpu_seconds() -> float:
@@ -113,21 +135,8 @@ def _own_cpu_seconds() -> float:
 
 def _session_cpu_seconds(session: int) -> float:
     """CPU seconds of the live processes of ``session`` (and of the children they reaped)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue  # exited meanwhile
-        # Fields after "(comm) ": state ppid pgrp session ... utime stime cutime cstime.
-        fields = data[data.rindex(b")") + 2 :].split()
-        if int(fields[3]) == session:
-            total += sum(int(x) for x in fields[11:15])
-    return total / tick
+    total = sum(sum(int(x) for x in f[11:15]) for f in _proc_stats() if int(f[3]) == session)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class LoadMeter:
