@@ -265,6 +265,11 @@ class TokenLengths:
                 h.update(np.ascontiguousarray(x, dtype="<u4").tobytes())
         return h.hexdigest()
 
+    def mean(self, group: int) -> float:
+        """The mean length of a group's samples."""
+        x = self.per_group[group]
+        return float(x) if isinstance(x, int) else float(x.mean())
+
     def lookup(self, group: int, local_ids: np.ndarray) -> list[int]:
         """Lengths of the given samples of ``group``."""
         x = self.per_group[group]

@@ -36,6 +36,7 @@ from mixstream import storage
 from mixstream.manifest import SPLITS, Manifest
 from mixstream.storage import StorageError
 from mixstream.testing.s3server import S3Server
+from mixstream.tokens import load_sidecar, sidecar_entry
 from shard_tools import (
     ConvertError,
     ConvertOptions,
@@ -154,7 +155,7 @@ def check_text_streams(
 ) -> None:
     """Every split of every group holds exactly its documents; the manifest agrees."""
     manifest = Manifest.load(str(root))
-    assert manifest.sample == {"format": "text", "column": "text"}
+    assert manifest.sample == {"format": "text", "column": "text", "length_tokenizer": "byte"}
     assert manifest.tokenizer is None
     assert manifest.to_json() == report.manifest.to_json()
     assert sorted(manifest.groups) == sorted(want)
@@ -163,8 +164,14 @@ def check_text_streams(
         for split, docs in splits.items():
             assert docs, f"corpus too small: {group}/{split} is empty"
             info = manifest.split(group, split)
-            got = Counter(texts_of(read_stream(root / group / split, scratch)))
+            texts = texts_of(read_stream(root / group / split, scratch))
+            got = Counter(texts)
             assert got == docs, f"{group}/{split}"
+            # The length sidecar: each sample's byte tokens plus EOS, in sample order.
+            sidecar = (root / group / split / "lengths.npy").read_bytes()
+            assert info.lengths == sidecar_entry(sidecar)
+            lengths = load_sidecar(sidecar, info.lengths, info.samples, "sidecar")
+            assert lengths.tolist() == [len(t.encode()) + 1 for t in texts]
             assert info.documents == info.samples == sum(docs.values())
             assert info.text_bytes == sum(len(d.encode()) * n for d, n in docs.items())
             assert info.tokens is None
