@@ -459,3 +459,11 @@ def test_streams_take_token_lengths_and_bad_ones_are_refused(
     for kwargs, message in bad_cases:
         with pytest.raises(ValueError, match=message):
             DynamicStreamingDataset(streams=streams(), groups=GROUPS, batch_size=4, **kwargs)  # type: ignore[arg-type]
+
+
+def test_verify_checks_the_sidecars(text_mixture: str, tmp_path: Path) -> None:
+    from shard_tools import verify_mixture
+
+    assert verify_mixture(text_mixture).ok
+    report = verify_mixture(_edited_copy(text_mixture, tmp_path, _flip_sidecar))
+    assert len(report.problems) == 1 and "long/train/lengths.npy has xxh64" in report.problems[0]
