@@ -149,6 +149,53 @@ def test_rule_bound_for_random_lengths_fixed_and_changing_weights(
             assert (gap > -(longest[pos] + w[pos] * longest[pos].max())).all()
 
 
+def literal_rule(
+    targets: np.ndarray, tokens: np.ndarray, w: np.ndarray, batch_size: int, next_length
+) -> tuple[list[int], list[float], list[int]]:
+    """The rule as mixstream.tokens states it, scanning every group at every slot."""
+    targets, w = targets.tolist(), w.tolist()  # Python floats, as the module computes
+    active = [g for g in range(len(w)) if w[g] > 0]
+    r, taken, done = [int(x) for x in tokens], [0] * len(w), 0
+    for _ in range(batch_size):
+        rank = []
+        for g in active:
+            start = (r[g] - targets[g]) / w[g]
+            finish = (r[g] + next_length(g, taken[g]) - targets[g]) / w[g]
+            rank.append((start > done, finish, g))  # eligible first, then earliest finish
+        g = min(rank)[2]
+        length = next_length(g, taken[g])
+        r[g], done, taken[g] = r[g] + length, done + length, taken[g] + 1
+    new = [t + w[g] * done if w[g] > 0 else t for g, t in enumerate(targets)]
+    return taken, new, r
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    m=st.integers(1, 7),
+    batch_size=st.integers(1, 40),
+    batches=st.integers(1, 12),
+)
+def test_the_heaps_pick_what_the_literal_rule_picks(
+    data: st.DataObject, m: int, batch_size: int, batches: int
+) -> None:
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    seqs = [rng.integers(1, data.draw(st.integers(2, 500)), size=64) for _ in range(m)]
+    vec = st.lists(st.floats(0, 1), min_size=m, max_size=m).filter(lambda v: sum(v) > 1e-3)
+    targets, tokens = np.zeros(m), np.zeros(m, dtype=np.int64)
+    cursors = np.zeros(m, dtype=np.int64)
+    for raw in data.draw(st.lists(vec, min_size=batches, max_size=batches)):
+        w = np.asarray(raw) / sum(raw)
+
+        def next_length(g: int, k: int, at: np.ndarray = cursors) -> int:
+            return int(seqs[g][(at[g] + k) % 64])
+
+        got = allocate_tokens(targets, tokens, w, batch_size, next_length)
+        assert got == literal_rule(targets, tokens, w, batch_size, next_length)
+        cursors += got[0]
+        targets, tokens = np.asarray(got[1]), np.asarray(got[2])
+
+
 def test_weight_changes_stay_within_the_empirical_bound_in_a_plan() -> None:
     lengths = variable_lengths(1)
     plan = MixturePlan(SIZES, 8, seed=2, lengths=lengths)
