@@ -139,21 +139,26 @@ def _manifest_lengths(
                 f"{manifest.location} has no length sidecar; re-convert the corpus with this "
                 "shard-tools (it writes one per text stream) or pass token_lengths="
             )
-        stream = manifest.stream_url(name, split)
         where = f"{name}/{split} length sidecar in {manifest.location}"
         if not isinstance(entry, Mapping):
             raise ManifestError(f"{where}: expected an object, got {entry!r:.80}")
-        basename = check_path(entry.get("basename"), "", "length sidecar", where, ManifestError)
-        url = storage.join(stream, basename)
-        try:
-            data = storage.read_bytes(url, retry_seconds)
-        except storage.StorageError as exc:
-            raise ManifestError(f"cannot read {url}, the {where}: {exc}") from None
         if info.samples != size:
             raise ManifestError(
                 f"{manifest.location} says {name}/{split} holds {info.samples} samples but its "
                 f"index holds {size}; re-convert the corpus"
             )
+        basename = check_path(entry.get("basename"), "", "length sidecar", where, ManifestError)
+        url = storage.join(manifest.stream_url(name, split), basename)
+        stored, limit = entry.get("bytes"), 8 * size + 4096
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored > limit:
+            raise ManifestError(  # checked before the download: it is read into memory
+                f"{where}: bytes is {stored!r}; a sidecar of {size} lengths is at most "
+                f"{limit} bytes: the manifest is corrupt, re-convert the corpus"
+            )
+        try:
+            data = storage.read_bytes(url, retry_seconds)
+        except storage.StorageError as exc:
+            raise ManifestError(f"cannot read {url}, the {where}: {exc}") from None
         per_group.append(load_sidecar(data, entry, size, url))
     return TokenLengths(per_group)
 
@@ -169,7 +174,8 @@ class DynamicStreamingDataset(StreamingDataset):
         weights: initial weights (mapping or vector); ``None`` means uniform ("stratified").
         batch_size: per-device batch size; the global batch is ``batch_size x world size``.
         seed: seeds every shuffle; the sample order is a pure function of
-            (seed, streams, global batch size, weight schedule).
+            (seed, streams, global batch size, weight schedule, and token lengths with
+            ``weight_unit="tokens"``).
         shuffle: shuffle within groups (block shuffle) and within each global batch.
         shuffle_block_size: samples per shuffle block; a reader works within one block of
             each group at a time, so this bounds the shards it touches.

@@ -279,6 +279,12 @@ def test_packed_corpora_give_the_samples_sequence_under_either_unit(packed_mixtu
         finally:
             ds.close()
     assert seqs["samples"] == seqs["tokens"]
+    ds = DynamicStreamingDataset(manifest=packed_mixture, batch_size=8)
+    try:
+        with pytest.raises(ValueError, match="realized_tokens needs weight_unit='tokens'"):
+            ds.realized_tokens  # noqa: B018
+    finally:
+        ds.close()
 
 
 def test_a_resume_with_another_unit_is_refused(text_mixture: str, packed_mixture: str) -> None:
@@ -385,8 +391,13 @@ def _flip_sidecar(root: Path, manifest: dict) -> None:
             ManifestError,
             "cannot read .*gone.npy",
         ),
+        (
+            lambda r, m: _long_train(m)["lengths"].__setitem__("bytes", 10**12),
+            ManifestError,
+            "bytes is 1000000000000; a sidecar of 2[0-9]{2} lengths is at most",
+        ),
     ],
-    ids=["missing", "corrupt", "wrong-length", "path", "absent-file"],
+    ids=["missing", "corrupt", "wrong-length", "path", "absent-file", "huge"],
 )
 def test_bad_sidecars_are_refused_at_construction(
     text_mixture: str,
