@@ -870,6 +870,34 @@ def test_trained_bpe_tokenizer_converts_exactly(tmp_path: Path, scratch: Path) -
     }
 
 
+def test_length_sidecars_count_the_length_tokenizer(tmp_path: Path, scratch: Path) -> None:
+    """Raw text with --length-tokenizer: each sample's length is its BPE ids + EOS, for any
+    worker count; the option is refused for packed output, where lengths are seq_len."""
+    from tokenizers import Tokenizer
+
+    docs = make_docs(200, seed=83)
+    tok_path = train_bpe(docs, 400, tmp_path / "tok" / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tok_path))
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        opts = options(length_tokenizer=str(tok_path), workers=workers)
+        report = convert([InputSpec(str(path), "a")], out, opts)
+        assert report.manifest.sample["length_tokenizer"] == str(tok_path)
+        for split in SPLITS:
+            info = report.manifest.split("a", split)
+            assert info.lengths is not None
+            data = (out / "a" / split / "lengths.npy").read_bytes()
+            lengths = load_sidecar(data, info.lengths, info.samples, split).tolist()
+            texts = texts_of(read_stream(out / "a" / split, scratch))
+            want = [len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts]
+            assert lengths == want and sum(want) < sum(len(t.encode()) + 1 for t in texts)
+    assert tree_bytes(tmp_path / "out1") == tree_bytes(tmp_path / "out2")
+    packed = options(tokenizer="byte", length_tokenizer=str(tok_path))
+    with pytest.raises(ConvertError, match="--length-tokenizer applies to raw-text output"):
+        convert([InputSpec(str(path), "a")], tmp_path / "x", packed)
+
+
 # --------------------------------------------------------------------------- inspect / verify
 
 
