@@ -14,6 +14,10 @@ Weight changes: :meth:`set_weights` is a collective call from the training loop 
 values win) and takes effect at global batch ``step + update_lag``. The lag covers the
 batches the DataLoader may already have asked its workers for, so no prefetched batch is
 ever re-planned. Updates reach the workers through :class:`mixstream.channel.ScheduleChannel`.
+
+``weight_unit="tokens"`` makes weights shares of tokens rather than samples (see
+:mod:`mixstream.tokens` for the rule, its bound and where the lengths come from); the
+state then records the unit, a digest of the lengths and each group's realised tokens.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import streaming.base.dataset as streaming_dataset_module
@@ -41,16 +45,20 @@ from streaming.base.format.mds.reader import MDSReader
 from streaming.base.hashing import get_hashes, is_hash
 from torch.utils.data import get_worker_info
 
-from mixstream import sharedmem
+from mixstream import sharedmem, storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
-from mixstream.manifest import Manifest
+from mixstream.manifest import Manifest, ManifestError
 from mixstream.plan import MixturePlan, PlanState
-from mixstream.shardindex import ShardIndexError, checked_get_shards, index_location
+from mixstream.shardindex import ShardIndexError, check_path, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
 from mixstream.stream import DEFAULT_RETRY_SECONDS, ResilientStream, check_retry_seconds
+from mixstream.tokens import TokenLengths, load_sidecar
 from mixstream.weights import SchedulePast, Weights, WeightSchedule, normalize_weights
 
 __all__ = ["DynamicStreamingDataset", "MixtureStateError"]
+
+WeightUnit = Literal["samples", "tokens"]
+WEIGHT_UNITS = ("samples", "tokens")
 
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: compacted schedule (schedule_past, schedule_digest); 1 still loads
@@ -104,6 +112,57 @@ def _streams_from_manifest(
     return names, streams
 
 
+def _manifest_lengths(
+    manifest: Manifest,
+    split: str,
+    names: Sequence[str],
+    sizes: Sequence[int],
+    retry_seconds: float,
+) -> TokenLengths:
+    """Each group's token lengths from the manifest: ``seq_len`` for packed streams, else the
+    stream's length sidecar, downloaded and checked (:func:`mixstream.tokens.load_sidecar`)."""
+    sample = manifest.sample
+    if sample.get("format") == "tokens":
+        seq_len = sample.get("seq_len")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ManifestError(
+                f"{manifest.location}: sample.seq_len is {seq_len!r}; expected a positive integer"
+            )
+        return TokenLengths([seq_len] * len(names))
+    per_group: list[int | np.ndarray] = []
+    for name, size in zip(names, sizes, strict=True):
+        info = manifest.split(name, split)
+        entry = info.lengths
+        if entry is None:
+            raise ManifestError(
+                f"weight_unit='tokens' needs each sample's token count, but {name}/{split} in "
+                f"{manifest.location} has no length sidecar; re-convert the corpus with this "
+                "shard-tools (it writes one per text stream) or pass token_lengths="
+            )
+        where = f"{name}/{split} length sidecar in {manifest.location}"
+        if not isinstance(entry, Mapping):
+            raise ManifestError(f"{where}: expected an object, got {entry!r:.80}")
+        if info.samples != size:
+            raise ManifestError(
+                f"{manifest.location} says {name}/{split} holds {info.samples} samples but its "
+                f"index holds {size}; re-convert the corpus"
+            )
+        basename = check_path(entry.get("basename"), "", "length sidecar", where, ManifestError)
+        url = storage.join(manifest.stream_url(name, split), basename)
+        stored, limit = entry.get("bytes"), 8 * size + 4096
+        if isinstance(stored, bool) or not isinstance(stored, int) or stored > limit:
+            raise ManifestError(  # checked before the download: it is read into memory
+                f"{where}: bytes is {stored!r}; a sidecar of {size} lengths is at most "
+                f"{limit} bytes: the manifest is corrupt, re-convert the corpus"
+            )
+        try:
+            data = storage.read_bytes(url, retry_seconds)
+        except storage.StorageError as exc:
+            raise ManifestError(f"cannot read {url}, the {where}: {exc}") from None
+        per_group.append(load_sidecar(data, entry, size, url))
+    return TokenLengths(per_group)
+
+
 class DynamicStreamingDataset(StreamingDataset):
     """A mixture of groups whose sampling weights can change during the epoch.
 
@@ -115,7 +174,8 @@ class DynamicStreamingDataset(StreamingDataset):
         weights: initial weights (mapping or vector); ``None`` means uniform ("stratified").
         batch_size: per-device batch size; the global batch is ``batch_size x world size``.
         seed: seeds every shuffle; the sample order is a pure function of
-            (seed, streams, global batch size, weight schedule).
+            (seed, streams, global batch size, weight schedule, and token lengths with
+            ``weight_unit="tokens"``).
         shuffle: shuffle within groups (block shuffle) and within each global batch.
         shuffle_block_size: samples per shuffle block; a reader works within one block of
             each group at a time, so this bounds the shards it touches.
@@ -145,6 +205,14 @@ class DynamicStreamingDataset(StreamingDataset):
         lockstep_timeout: seconds a worker waits for the trainer to announce a step before
             raising (a training loop that never calls :meth:`advance` would otherwise hang
             forever); ``None`` waits forever.
+        weight_unit: ``"samples"`` (weights are shares of samples) or ``"tokens"`` (shares
+            of tokens, for variable-length samples; see :mod:`mixstream.tokens`). Packed
+            corpora, whose samples all have one length, give the same sequence either way.
+        token_lengths: with ``weight_unit="tokens"``, each group's per-sample token counts
+            (a mapping by group name or a sequence in group order; each an integer array
+            of one count per sample, or one integer for all of the group's samples). Default:
+            from the manifest (``seq_len`` of a packed corpus, or each stream's length
+            sidecar written by ``shard-tools convert``); required with ``streams=``.
     """
 
     def __init__(
@@ -173,9 +241,22 @@ class DynamicStreamingDataset(StreamingDataset):
         update_lag: int | None = None,
         lockstep: bool = False,
         lockstep_timeout: float | None = 600.0,
+        weight_unit: WeightUnit = "samples",
+        token_lengths: Sequence[Any] | Mapping[str, Any] | None = None,
     ) -> None:
         if (manifest is None) == (streams is None):
             raise ValueError("pass exactly one of manifest= or streams=")
+        if weight_unit not in WEIGHT_UNITS:
+            raise ValueError(f"weight_unit must be 'samples' or 'tokens', got {weight_unit!r}")
+        if token_lengths is not None and weight_unit != "tokens":
+            raise ValueError(
+                "token_lengths= is only used with weight_unit='tokens'; pass both or neither"
+            )
+        if streams is not None and weight_unit == "tokens" and token_lengths is None:
+            raise ValueError(
+                "weight_unit='tokens' with streams= needs token_lengths= (each group's "
+                "per-sample token counts); a manifest provides them itself"
+            )
         if batch_size is None or batch_size <= 0:
             raise ValueError(f"batch_size (per device) must be positive, got {batch_size}")
         retry_seconds = check_retry_seconds(download_retry_seconds)
@@ -263,12 +344,29 @@ class DynamicStreamingDataset(StreamingDataset):
                 f"epoch of {self.epoch_size} samples is smaller than one global batch of "
                 f"{self.global_batch_size}; lower batch_size or raise epoch_size"
             )
+        sizes = [int(n) for n in self.samples_per_stream]
+        self.weight_unit: WeightUnit = weight_unit
+        lengths = None
+        if weight_unit == "tokens":
+            if token_lengths is not None:
+                lengths = TokenLengths.build(token_lengths, names, sizes)
+            else:
+                assert self.manifest is not None
+                lengths = _manifest_lengths(self.manifest, split, names, sizes, retry_seconds)
         self.plan = MixturePlan(
-            [int(n) for n in self.samples_per_stream],
+            sizes,
             self.global_batch_size,
             seed=self.seed,
             shuffle=shuffle,
             block_size=shuffle_block_size,
+            lengths=lengths,
+        )
+        # What the look-ahead expects of each unit of weight, in samples (tokens mode: a
+        # group of short samples is drawn more often than its token weight).
+        self._per_sample = (
+            np.ones(len(names))
+            if lengths is None
+            else np.array([lengths.mean(g) for g in range(len(names))])
         )
         initial = (
             np.full(len(names), 1.0 / len(names))
@@ -282,7 +380,7 @@ class DynamicStreamingDataset(StreamingDataset):
         self._step = 0  # last step announced by the trainer (batches consumed)
         # Plan states computed so far, by batch: any later one is reached by stepping from
         # the nearest earlier one. Only states consistent with the current schedule are kept.
-        self._known: dict[int, PlanState] = {0: PlanState.initial(len(names))}
+        self._known: dict[int, PlanState] = {0: self.plan.initial_state()}
         self._resume: _Resume | None = None
         self._history = history_entries(len(names))
         self._iter_batch: int | None = None  # where an iterator in this process is planning
@@ -324,6 +422,15 @@ class DynamicStreamingDataset(StreamingDataset):
         """Samples drawn per group over all global batches before the current step."""
         counts = self._plan_state(self._step).counts
         return dict(zip(self.group_names, counts, strict=True))
+
+    @property
+    def realized_tokens(self) -> dict[str, int]:
+        """Tokens drawn per group over all global batches before the current step
+        (``weight_unit="tokens"`` only: the samples unit knows no lengths)."""
+        tokens = self.plan.tokens_of(self._plan_state(self._step))
+        if tokens is None:
+            raise ValueError("realized_tokens needs weight_unit='tokens' (token lengths)")
+        return dict(zip(self.group_names, tokens, strict=True))
 
     def _nearest_known(self, batch: int) -> PlanState:
         """The known plan state closest to, and not after, the one before ``batch``."""
@@ -508,14 +615,24 @@ class DynamicStreamingDataset(StreamingDataset):
                     "samples": int(n),
                 }
             )
-        return {
+        identity = {
             "streams": streams,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
             "shuffle": self.plan.shuffle,
             "shuffle_block_size": self.plan.block_size,
             "epoch_size": self.epoch_size,
+            "weight_unit": self.weight_unit,
         }
+        if self.plan.lengths is not None:
+            identity["token_lengths"] = self._lengths_digest()
+        return identity
+
+    def _lengths_digest(self) -> str:
+        if not hasattr(self, "_digest_of_lengths"):
+            assert self.plan.lengths is not None
+            self._digest_of_lengths = self.plan.lengths.digest()
+        return self._digest_of_lengths
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         """Continue exactly where ``obj`` was saved, on any world size or worker count.
@@ -530,6 +647,20 @@ class DynamicStreamingDataset(StreamingDataset):
                 "was it saved by plain StreamingDataset?"
             )
         saved, mine = _check_identity(obj), self._identity()
+        unit = saved.get("weight_unit", "samples")  # states before weight_unit: samples
+        if unit != self.weight_unit:
+            raise MixtureStateError(
+                f"cannot resume: state field identity.weight_unit is {unit!r} but this dataset "
+                f"has weight_unit={self.weight_unit!r}; the two plan different sequences (a "
+                f"share of samples is not a share of tokens): build the dataset with "
+                f"weight_unit={unit!r} to continue that run"
+            )
+        if saved.get("token_lengths") != mine.get("token_lengths"):
+            raise MixtureStateError(
+                "cannot resume: state field identity.token_lengths (the digest of every "
+                "sample's token count) differs from this dataset's: the lengths, and so the "
+                "plan, are not the ones the state was saved with"
+            )
         problems = []
         for key in ("seed", "global_batch_size", "shuffle", "shuffle_block_size", "epoch_size"):
             if saved[key] != mine[key]:
@@ -551,7 +682,11 @@ class DynamicStreamingDataset(StreamingDataset):
                 + hint
             )
         state, schedule, update_lag = _check_state(
-            obj, self.plan.num_groups, self.global_batch_size, self.batches_per_epoch
+            obj,
+            self.plan.num_groups,
+            self.global_batch_size,
+            self.batches_per_epoch,
+            self.plan.lengths if self.plan.counts_tokens else None,
         )
         self._schedule = schedule
         self._channel.publish_many(*schedule.arrays())
@@ -562,7 +697,7 @@ class DynamicStreamingDataset(StreamingDataset):
                 update_lag,
             )
         self._resume = _Resume(state.batch // self.batches_per_epoch, state)
-        self._known = {0: PlanState.initial(self.plan.num_groups)}
+        self._known = {0: self.plan.initial_state()}
         if not self._schedule.covers(0):
             self._known = {}
         self._step = state.batch
@@ -744,6 +879,9 @@ class DynamicStreamingDataset(StreamingDataset):
         # batch) are looked at one by one, so the cost per batch is O(groups) in numpy and
         # O(groups drawn) in Python.
         weights = self._schedule.at(after.batch)
+        if self.plan.counts_tokens:
+            weights = weights / self._per_sample
+            weights /= weights.sum()
         budget = self.predownload or 8 * self.device_batch_size
         counts = np.asarray(after.counts, dtype=np.int64)
         ahead = np.minimum(self._group_sizes, np.ceil(budget * weights).astype(np.int64) + 1)
@@ -875,6 +1013,14 @@ def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     for key in ("seed", "global_batch_size", "shuffle_block_size", "epoch_size"):
         _field(identity, key, "identity", numbers.Integral)
     _field(identity, "shuffle", "identity", bool)
+    if "weight_unit" in identity:
+        unit = _field(identity, "weight_unit", "identity", str)
+        if unit not in WEIGHT_UNITS:
+            raise MixtureStateError(
+                f"state field identity.weight_unit must be 'samples' or 'tokens', got {unit!r:.40}"
+            )
+    if "token_lengths" in identity:
+        _field(identity, "token_lengths", "identity", str)
     streams = _field(identity, "streams", "identity", list)
     for i, stream in enumerate(streams):
         _field(stream, "group", f"identity.streams[{i}]", str)
@@ -883,7 +1029,11 @@ def _check_identity(obj: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def _check_state(
-    obj: Mapping[str, Any], num_groups: int, global_batch: int, batches_per_epoch: int
+    obj: Mapping[str, Any],
+    num_groups: int,
+    global_batch: int,
+    batches_per_epoch: int,
+    lengths: TokenLengths | None = None,
 ) -> tuple[PlanState, WeightSchedule, int | None]:
     """Parse a saved state, checking every field and how they agree with each other.
 
@@ -895,6 +1045,8 @@ def _check_state(
     target (the apportionment keeps them within about 2); epoch and sample_in_epoch name the
     same batch; ``schedule_digest`` is the digest chained from ``schedule_past.digest``
     through the kept entries. Every problem is a MixtureStateError naming the field.
+    A token plan (``lengths``, see :func:`_check_tokens`) has token targets, which only a
+    replay could derive from the schedule; they are checked against its tokens instead.
     Version 1 states (the whole schedule, no summary or digest) are read as uncompacted.
     """
     plan = _field(obj, "plan", "", Mapping)
@@ -961,10 +1113,20 @@ def _check_state(
                 f"summarizes the {first} batches before schedule[0] (weights sum to 1 per batch)"
             )
 
+    tokens = None
+    if lengths is not None:
+        tokens = _check_tokens(plan, counts, targets, lengths)
+    elif "tokens" in plan:
+        raise MixtureStateError(
+            "state field plan.tokens is present, but this dataset's plan counts samples (its "
+            "samples all have one length); the state comes from a plan over other lengths"
+        )
     expected = schedule.weight_batches(batch) * global_batch
     tolerance = 1e-6 * max(1.0, batch * global_batch)
     off_target = np.abs(targets - expected) > tolerance
     off_count = np.abs(np.asarray(counts, dtype=np.float64) - targets) > global_batch + 2
+    if tokens is not None:
+        off_target[:] = off_count[:] = False  # token targets: checked by _check_tokens
     for g in np.flatnonzero(off_target | off_count)[:1].tolist():  # the first, if any
         if off_target[g]:
             raise MixtureStateError(
@@ -996,8 +1158,46 @@ def _check_state(
                 f"{len(entries)} entries): the state was edited or corrupted, or its parts come "
                 "from different checkpoints"
             )
-    state = PlanState(batch, tuple(float(t) for t in targets), tuple(counts))
+    state = PlanState(batch, tuple(float(t) for t in targets), tuple(counts), tokens)
     return state, schedule, lag
+
+
+def _check_tokens(
+    plan: Mapping[str, Any], counts: list[int], targets: np.ndarray, lengths: TokenLengths
+) -> tuple[int, ...]:
+    """A token plan's ``plan.tokens``, checked against its counts and targets in O(groups).
+
+    The targets share out exactly the tokens drawn (weights sum to 1 at every slot); each
+    group's tokens lie between its sample count times its shortest and longest sample; and
+    each is within the rule's bound of its target (``Lmax_g + Lmax``, what weight changes
+    stay under; :mod:`mixstream.tokens`). The exact tokens of a count would need the
+    lengths of every position drawn: O(samples), not done.
+    """
+    raw = _field(plan, "tokens", "plan", list)
+    if len(raw) != len(counts):
+        raise MixtureStateError(f"state field plan.tokens must be a list of {len(counts)} counts")
+    tokens = [_count_of(t, f"plan.tokens[{g}]") for g, t in enumerate(raw)]
+    total = sum(tokens)
+    if abs(float(targets.sum()) - total) > 1e-6 * max(1.0, total):
+        raise MixtureStateError(
+            f"state field plan.targets sums to {float(targets.sum()):.6g}, but plan.tokens "
+            f"sums to {total}: token targets share out exactly the tokens drawn"
+        )
+    overall = max(lengths.longest)
+    for g, (n, t) in enumerate(zip(counts, tokens, strict=True)):
+        lo, hi = n * lengths.shortest[g], n * lengths.longest[g]
+        if not lo <= t <= hi:
+            raise MixtureStateError(
+                f"state field plan.tokens[{g}] is {t}, but {n} samples of that group hold "
+                f"{lo} to {hi} tokens (plan.counts[{g}]): the state does not match the lengths"
+            )
+        if abs(t - targets[g]) >= lengths.longest[g] + overall:
+            raise MixtureStateError(
+                f"state field plan.tokens[{g}] is {t}, more than the rule's bound "
+                f"({lengths.longest[g] + overall} tokens) away from its target "
+                f"{targets[g]:.6g}: the tokens do not follow the schedule"
+            )
+    return tuple(tokens)
 
 
 def _check_past(obj: Mapping[str, Any], num_groups: int) -> SchedulePast:

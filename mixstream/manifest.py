@@ -51,6 +51,17 @@ class SplitInfo:
     stored_bytes: int
     raw_bytes: int
     shards: int
+    # The stream's length sidecar (mixstream.tokens): {"basename", "bytes", "xxh64"}; text
+    # streams only (packed ones are seq_len each), absent from manifests written before it.
+    lengths: dict[str, Any] | None = None
+
+
+def _split_json(info: SplitInfo) -> dict[str, Any]:
+    """A split as JSON; no ``lengths`` key for streams without a sidecar (as before it)."""
+    obj = asdict(info)
+    if obj["lengths"] is None:
+        del obj["lengths"]
+    return obj
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ class Manifest:
             "groups": {
                 name: {
                     "sources": g.sources,
-                    "splits": {s: asdict(info) for s, info in g.splits.items()},
+                    "splits": {s: _split_json(info) for s, info in g.splits.items()},
                 }
                 for name, g in self.groups.items()
             },

@@ -15,6 +15,13 @@ Global batch ``k`` is built in three steps:
 Nothing depends on the number of ranks or dataloader workers, so the sequence is the same
 for any layout with the same global batch size, and the whole state needed to continue from
 batch ``k`` is :class:`PlanState`: O(groups), whatever the position.
+
+With per-sample token lengths whose lengths differ (``weight_unit="tokens"``, see
+:mod:`mixstream.tokens`), step 1 counts tokens instead: :func:`mixstream.tokens.
+allocate_tokens` fills the batch's slots knowing each group's next sample length (its
+cursor is deterministic), the targets are token targets, and the state adds each group's
+realised tokens. Steps 2 and 3 are unchanged, and so is the purity: the sequence is a
+function of (seed, streams, global batch size, schedule, lengths).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import numpy as np
 
 from mixstream.apportion import advance_targets, allocate
 from mixstream.permutation import BlockShuffle, map_many, shuffled_order
+from mixstream.tokens import TokenLengths, allocate_tokens
 from mixstream.weights import WeightSchedule
 
 __all__ = ["BatchDraw", "MixturePlan", "PlanState"]
@@ -38,25 +46,37 @@ _CHUNK_BUDGET = 1 << 16  # positions in one chunk of every group (above _CHUNK_M
 
 @dataclass(frozen=True)
 class PlanState:
-    """Where the sequence stands before global batch ``batch``."""
+    """Where the sequence stands before global batch ``batch``.
+
+    ``targets`` are in the plan's unit (samples, or tokens for a token plan); ``counts`` are
+    samples drawn per group (each group's cursor) either way; ``tokens`` are the tokens
+    drawn per group, held by token plans only (``None`` otherwise).
+    """
 
     batch: int
     targets: tuple[float, ...]
     counts: tuple[int, ...]
+    tokens: tuple[int, ...] | None = None
 
     @classmethod
-    def initial(cls, num_groups: int) -> PlanState:
-        return cls(0, (0.0,) * num_groups, (0,) * num_groups)
+    def initial(cls, num_groups: int, tokens: bool = False) -> PlanState:
+        zeros = (0,) * num_groups
+        return cls(0, (0.0,) * num_groups, zeros, zeros if tokens else None)
 
     def to_dict(self) -> dict:
-        return {"batch": self.batch, "targets": list(self.targets), "counts": list(self.counts)}
+        out = {"batch": self.batch, "targets": list(self.targets), "counts": list(self.counts)}
+        if self.tokens is not None:
+            out["tokens"] = list(self.tokens)
+        return out
 
     @classmethod
     def from_dict(cls, obj: dict) -> PlanState:
+        tokens = obj.get("tokens")
         return cls(
             int(obj["batch"]),
             tuple(float(x) for x in obj["targets"]),
             tuple(int(x) for x in obj["counts"]),
+            None if tokens is None else tuple(int(x) for x in tokens),
         )
 
 
@@ -79,7 +99,11 @@ class MixturePlan:
         seed: int,
         shuffle: bool = True,
         block_size: int = 1 << 18,
+        lengths: TokenLengths | None = None,
     ) -> None:
+        """``lengths`` (per-sample token lengths of each group) makes a token plan, unless
+        every sample has the same length: then shares of tokens are shares of samples and the
+        plan is the samples plan (:attr:`counts_tokens` is False), bit for bit."""
         if not group_sizes or min(group_sizes) <= 0:
             raise ValueError(f"every group needs at least one sample, got sizes {group_sizes}")
         if global_batch_size <= 0:
@@ -90,6 +114,10 @@ class MixturePlan:
         self.seed = int(seed)
         self.shuffle = bool(shuffle)
         self.block_size = int(block_size)
+        if lengths is not None and len(lengths.per_group) != len(self.group_sizes):
+            raise ValueError(f"lengths for {len(lengths.per_group)} groups, not {len(group_sizes)}")
+        self.lengths = lengths
+        self.counts_tokens = lengths is not None and lengths.uniform is None
         self._passes: dict[tuple[int, int], BlockShuffle] = {}
         self._chunks: dict[tuple[int, int], np.ndarray] = {}
         # Chunk sizes (powers of two): 4096 positions for few groups, fewer for many (64 from
@@ -106,9 +134,23 @@ class MixturePlan:
     def num_groups(self) -> int:
         return len(self.group_sizes)
 
+    def initial_state(self) -> PlanState:
+        """The state before batch 0."""
+        return PlanState.initial(self.num_groups, tokens=self.counts_tokens)
+
+    def tokens_of(self, state: PlanState) -> tuple[int, ...] | None:
+        """Tokens drawn per group before ``state.batch`` (``None`` without lengths)."""
+        if state.tokens is not None:
+            return state.tokens
+        if self.lengths is None or self.lengths.uniform is None:
+            return None
+        return tuple(c * self.lengths.uniform for c in state.counts)
+
     def step(self, state: PlanState, schedule: WeightSchedule) -> tuple[BatchDraw, PlanState]:
         """Draw batch ``state.batch`` and return the state before the next one."""
         weights = schedule.at(state.batch)
+        if self.counts_tokens:
+            return self._step_tokens(state, weights)
         n = allocate(state.targets, state.counts, weights, self.global_batch_size)
         draw = BatchDraw(state.batch, tuple(n), state.counts)
         targets = advance_targets(np.asarray(state.targets), weights, self.global_batch_size)
@@ -117,6 +159,29 @@ class MixturePlan:
         else:
             counts = tuple((np.asarray(state.counts, dtype=np.int64) + n).tolist())
         return draw, PlanState(state.batch + 1, tuple(targets.tolist()), counts)
+
+    def _step_tokens(self, state: PlanState, weights: np.ndarray) -> tuple[BatchDraw, PlanState]:
+        """:meth:`step` of a token plan: lengths of each group's next positions are looked up
+        a window at a time (doubling from 8 up to the batch size) as its cursor moves."""
+        assert self.lengths is not None and state.tokens is not None
+        lengths = self.lengths
+        cursors = state.counts
+        windows: dict[int, list[int]] = {}
+
+        def next_length(g: int, k: int) -> int:
+            window = windows.setdefault(g, [])
+            if k >= len(window):
+                more = min(self.global_batch_size, max(8, 2 * len(window)))
+                ids = self.group_positions(g, cursors[g] + len(window), more) - self.offsets[g]
+                window.extend(lengths.lookup(g, ids))
+            return window[k]
+
+        n, targets, tokens = allocate_tokens(
+            state.targets, state.tokens, weights, self.global_batch_size, next_length
+        )
+        counts = tuple(c + k for c, k in zip(state.counts, n, strict=True))
+        draw = BatchDraw(state.batch, tuple(n), state.counts)
+        return draw, PlanState(state.batch + 1, tuple(targets), counts, tuple(tokens))
 
     def advance(self, state: PlanState, schedule: WeightSchedule, batch: int) -> PlanState:
         """Step from ``state`` to just before global batch ``batch``."""

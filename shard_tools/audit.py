@@ -2,8 +2,9 @@
 
 ``verify`` checks what a reader will rely on: each shard's stored hash, its decompressed
 size and hash, the sample count and offsets in the MDS header against ``index.json``, and
-the index against ``mixture.json``. Shards are fetched and checked in a thread pool (zstd
-and xxhash release the GIL).
+the index against ``mixture.json``, and a text stream's length sidecar (size, hash, one
+valid length per sample: :func:`mixstream.tokens.load_sidecar`). Shards are fetched and
+checked in a thread pool (zstd and xxhash release the GIL).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import xxhash
 
 from mixstream import storage
 from mixstream.manifest import Manifest
-from mixstream.shardindex import ShardIndexError, check_index
+from mixstream.shardindex import ShardIndexError, check_index, check_path
+from mixstream.tokens import load_sidecar
 
 __all__ = ["StreamSummary", "VerifyReport", "format_table", "inspect_mixture", "verify_mixture"]
 
@@ -175,6 +177,20 @@ def _verify_shard(stream_url: str, entry: dict[str, Any]) -> list[str]:
     return []
 
 
+def _verify_lengths(stream_url: str, entry: Any, samples: int) -> list[str]:
+    """Problems with a stream's length sidecar (none if it is what the manifest says)."""
+    where = f"{stream_url}: length sidecar"
+    try:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object, got {entry!r:.80}")
+        name = check_path(entry.get("basename"), "", "length sidecar", where, ValueError)
+        url = storage.join(stream_url, name)
+        load_sidecar(storage.read_bytes(url), entry, samples, url)
+    except (ValueError, storage.StorageError) as exc:
+        return [str(exc)]
+    return []
+
+
 def verify_mixture(root: str, threads: int = 8) -> VerifyReport:
     """Re-read every shard of every stream and check it against its index and the manifest."""
     manifest = Manifest.load(root)
@@ -202,6 +218,8 @@ def verify_mixture(root: str, threads: int = 8) -> VerifyReport:
             report.samples += samples
             report.bytes += sum((x["zip_data"] or x["raw_data"])["bytes"] for x in shards)
             jobs.extend((url, entry) for entry in shards)
+            if s.lengths is not None:
+                report.problems.extend(_verify_lengths(url, s.lengths, samples))
     with ThreadPoolExecutor(threads) as pool:
         for problems in pool.map(lambda job: _verify_shard(*job), jobs):
             report.problems.extend(problems)

@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="'byte', a tokenizer.json path, or a Hugging Face name; omit to store raw text",
     )
     p.add_argument("--eos-token", help="EOS token of the tokenizer (default: auto-detect)")
+    p.add_argument(
+        "--length-tokenizer",
+        default="byte",
+        help="raw-text output: tokenizer whose counts the per-sample length sidecar records "
+        "(for weight_unit='tokens'); default 'byte' (UTF-8 bytes + EOS)",
+    )
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per packed sample")
     p.add_argument("--dtype", choices=["uint16", "uint32"], help="token dtype (default: auto)")
     p.add_argument("--val-fraction", type=float, default=0.01)
@@ -105,6 +111,7 @@ def _convert(args: argparse.Namespace) -> int:
     options = ConvertOptions(
         tokenizer=args.tokenizer,
         eos_token=args.eos_token,
+        length_tokenizer=args.length_tokenizer,
         seq_len=args.seq_len,
         dtype=args.dtype,
         text_field=args.text_field,

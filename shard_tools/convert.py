@@ -9,13 +9,16 @@ The pipeline, and why it is shaped this way:
    Tokenized documents are packed into ``seq_len`` sequences; the partial sequence left at
    the end of a task is returned to the parent instead of being padded or dropped. The
    small held-out splits (val/test) are returned to the parent too, so they end up in a few
-   full shards rather than one sliver of a shard per task.
+   full shards rather than one sliver of a shard per task. Raw-text samples vary in length,
+   so each task also returns every sample's length in tokens (``--length-tokenizer``).
 3. *Merge.* The parent renumbers every task's train shards into one flat stream per group,
    in plan order, writes the returned samples and packs the task tails in the same order
    into final shards, and writes each ``index.json``. This is the job of streaming's
    ``merge_index``, done here because ``merge_index`` keeps per-partition subfolders whose
    names would depend on how the work was split; a flat stream is identical for 1 or N
-   workers.
+   workers. A text stream also gets its length sidecar ``lengths.npy``
+   (:mod:`mixstream.tokens`, for ``weight_unit="tokens"``) in the same sample order,
+   recorded with its size and hash in ``mixture.json``.
 4. *Publish atomically.* Locally the finished tree is renamed into place; on S3 every
    stream's shards are uploaded before its ``index.json``, and ``mixture.json`` goes last.
    A failed run removes what it wrote, so an interrupted conversion never looks complete;
@@ -50,6 +53,7 @@ except ImportError:  # Windows: staging is not locked, and never reclaimed
 from mixstream import storage
 from mixstream.manifest import MANIFEST_NAME, SPLITS, GroupInfo, Manifest, ManifestError, SplitInfo
 from mixstream.sharedmem import exit_with_parent, process_alive, process_start_time
+from mixstream.tokens import LENGTHS_NAME, encode_sidecar, sidecar_entry
 from shard_tools.packing import SequencePacker, assign_split
 from shard_tools.sources import (
     DEFAULT_CHUNK_BYTES,
@@ -60,7 +64,7 @@ from shard_tools.sources import (
     plan_tasks,
     read_documents,
 )
-from shard_tools.tokenizer import Tokenizer, TokenizerSpec, token_dtype
+from shard_tools.tokenizer import BYTE, Tokenizer, TokenizerSpec, token_dtype
 
 __all__ = ["ConvertError", "ConvertOptions", "ConvertReport", "convert"]
 
@@ -81,6 +85,9 @@ class ConvertOptions:
 
     tokenizer: str | None = None
     eos_token: str | None = None
+    # Raw-text output: the tokenizer whose token count of each sample (plus one EOS) the
+    # length sidecar records; "byte" counts UTF-8 bytes and needs nothing loaded.
+    length_tokenizer: str = BYTE
     seq_len: int = 2048
     dtype: str | None = None
     text_field: str = "text"
@@ -107,6 +114,11 @@ class ConvertOptions:
                 raise ConvertError(f"--{name.replace('_', '-')} must be in [0, 1), got {value}")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConvertError("--val-fraction + --test-fraction must leave some data for train")
+        if self.tokenizer is not None and self.length_tokenizer != BYTE:
+            raise ConvertError(
+                "--length-tokenizer applies to raw-text output (omit --tokenizer); packed "
+                "samples are --seq-len tokens each"
+            )
         if self.tokenizer is not None and self.seq_len < 2:
             raise ConvertError(f"--seq-len must be at least 2, got {self.seq_len}")
         if self.chunk_bytes <= 0:
@@ -132,6 +144,9 @@ class TaskResult:
     heldout: dict[Key, list[dict[str, Any]]]
     tails: dict[Key, np.ndarray]
     stats: ReadStats
+    # Text output: each sample's length in tokens, in the order the task wrote (train) or
+    # returned (held out) them.
+    lengths: dict[Key, list[int]] = field(default_factory=dict)
 
 
 @dataclass
@@ -186,6 +201,10 @@ def _run_task(task: Task, options: ConvertOptions, layout: _Layout, staging: str
     tok = None
     if options.tokenizer is not None:
         tok = _tokenizer(TokenizerSpec(options.tokenizer, options.eos_token))
+    counter = None
+    if options.tokenizer is None and options.length_tokenizer != BYTE:
+        counter = _tokenizer(TokenizerSpec(options.length_tokenizer, None))
+    lengths: dict[Key, list[int]] = {}
     writers: dict[Key, Any] = {}
     heldout: dict[Key, list[dict[str, Any]]] = {}
     packers: dict[Key, SequencePacker] = {}
@@ -209,8 +228,11 @@ def _run_task(task: Task, options: ConvertOptions, layout: _Layout, staging: str
             key = (doc.group, split)
             c = counts.setdefault(key, StreamCounts())
             c.documents += 1
-            c.text_bytes += len(doc.text.encode("utf-8"))
+            size = len(doc.text.encode("utf-8"))
+            c.text_bytes += size
             if tok is None:
+                count = size if counter is None else len(counter.encode(doc.text))
+                lengths.setdefault(key, []).append(count + 1)  # + EOS, as packing counts
                 write(key, {TEXT_COLUMN: doc.text})
                 continue
             ids = tok.encode(doc.text)
@@ -224,7 +246,7 @@ def _run_task(task: Task, options: ConvertOptions, layout: _Layout, staging: str
         for w in writers.values():
             w.finish()
     tails = {key: p.tail() for key, p in packers.items()}
-    return TaskResult(task.index, counts, heldout, tails, stats)
+    return TaskResult(task.index, counts, heldout, tails, stats, lengths)
 
 
 def _resolve_layout(options: ConvertOptions) -> tuple[_Layout, dict[str, Any] | None]:
@@ -232,6 +254,11 @@ def _resolve_layout(options: ConvertOptions) -> tuple[_Layout, dict[str, Any] | 
     if options.tokenizer is None:
         if options.dtype is not None:
             raise ConvertError("--dtype applies to tokenized output; add --tokenizer")
+        if options.length_tokenizer != BYTE:
+            try:  # fail now on a tokenizer that cannot load, not in every worker
+                _tokenizer(TokenizerSpec(options.length_tokenizer, None))
+            except ValueError as exc:
+                raise ConvertError(f"--length-tokenizer: {exc}") from None
         return _Layout({TEXT_COLUMN: "str"}, None, None), None
     try:
         tok = _tokenizer(TokenizerSpec(options.tokenizer, options.eos_token))
@@ -584,6 +611,9 @@ def _assemble(
             )
             dropped_total += dropped
             samples = sum(s["samples"] for s in shards)
+            sidecar = None
+            if not layout.dtype and samples:
+                sidecar = _write_lengths(key, results, samples, staging, rel)
             if samples == 0:
                 hint = f"raise --{split}-fraction" if split != "train" else "add data to the group"
                 unit = "one sequence of tokens" if layout.dtype else "one document"
@@ -600,6 +630,7 @@ def _assemble(
                 stored_bytes=sum((s["zip_data"] or s["raw_data"])["bytes"] for s in shards),
                 raw_bytes=sum(s["raw_data"]["bytes"] for s in shards),
                 shards=len(shards),
+                lengths=sidecar,
             )
         sources = [s.path for s in inputs if s.group in (group, None)]
         groups[group] = GroupInfo(group, splits, sources)
@@ -612,7 +643,11 @@ def _assemble(
             "dtype": layout.dtype,
         }
     else:
-        sample = {"format": "text", "column": TEXT_COLUMN}
+        sample = {
+            "format": "text",
+            "column": TEXT_COLUMN,
+            "length_tokenizer": options.length_tokenizer,
+        }
     holdout = {
         "val_fraction": options.val_fraction,
         "test_fraction": options.test_fraction,
@@ -629,6 +664,24 @@ def _assemble(
         dropped_tokens=dropped_total,
         first_errors=stats.first_errors,
     )
+
+
+def _write_lengths(
+    key: Key, results: Sequence[TaskResult], samples: int, staging: str, rel: str
+) -> dict[str, Any]:
+    """Write a text stream's length sidecar; returns its manifest entry.
+
+    :func:`_merge_stream` lays the stream out as every task's samples in plan order (train:
+    the task's shards; held out: what it returned), so the lengths are concatenated in the
+    same order.
+    """
+    lengths = [n for r in results for n in r.lengths.get(key, [])]
+    if len(lengths) != samples:  # a bug, not bad input: the sidecar would misalign
+        raise ConvertError(f"{rel}: {len(lengths)} lengths for {samples} samples")
+    data = encode_sidecar(lengths)
+    with open(os.path.join(staging, "out", rel, LENGTHS_NAME), "wb") as f:
+        f.write(data)
+    return sidecar_entry(data)
 
 
 def _publish(tree: str, out: str, manifest: Manifest, previous: Manifest | None) -> None:

@@ -50,6 +50,9 @@ def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
 
 
 def fingerprint(row: Any) -> int:
+    """A sample's digest: a token row (tensor) or a raw-text sample (str)."""
+    if isinstance(row, str):
+        return xxhash.xxh64_intdigest(row.encode())
     return xxhash.xxh64_intdigest(row.numpy().tobytes())
 
 
@@ -93,6 +96,8 @@ class LoopSpec:
     # Seconds the node's local leader lingers after each epoch barrier: the other processes
     # of the node then begin (and may finish) the epoch before the leader has done anything.
     leader_delay: float = 0.0
+    weight_unit: str = "samples"
+    column: str = "input_ids"  # what is fingerprinted: "text" for raw-text corpora
 
 
 class _LingeringLeaderBarrier:
@@ -147,6 +152,7 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
         local=local,
         lockstep=spec.lockstep,
         epoch_size=spec.epoch_size,
+        weight_unit=spec.weight_unit,  # type: ignore[arg-type]
     )
     if spec.resume_state is not None:
         ds.load_state_dict(spec.resume_state)
@@ -192,7 +198,7 @@ def run_loop(rank: int, spec: LoopSpec) -> dict[str, Any]:
             step += 1
             in_epoch += spec.global_batch
             in_iterator += spec.global_batch
-            prints.append([fingerprint(r) for r in batch["input_ids"]])
+            prints.append([fingerprint(r) for r in batch[spec.column]])
             groups.append(batch["group"].tolist())
             row = {"step": step, "prints": prints[-1], "groups": groups[-1]}
             if spec.lockstep:

@@ -36,6 +36,7 @@ from mixstream import storage
 from mixstream.manifest import SPLITS, Manifest
 from mixstream.storage import StorageError
 from mixstream.testing.s3server import S3Server
+from mixstream.tokens import load_sidecar, sidecar_entry
 from shard_tools import (
     ConvertError,
     ConvertOptions,
@@ -154,7 +155,7 @@ def check_text_streams(
 ) -> None:
     """Every split of every group holds exactly its documents; the manifest agrees."""
     manifest = Manifest.load(str(root))
-    assert manifest.sample == {"format": "text", "column": "text"}
+    assert manifest.sample == {"format": "text", "column": "text", "length_tokenizer": "byte"}
     assert manifest.tokenizer is None
     assert manifest.to_json() == report.manifest.to_json()
     assert sorted(manifest.groups) == sorted(want)
@@ -163,8 +164,14 @@ def check_text_streams(
         for split, docs in splits.items():
             assert docs, f"corpus too small: {group}/{split} is empty"
             info = manifest.split(group, split)
-            got = Counter(texts_of(read_stream(root / group / split, scratch)))
+            texts = texts_of(read_stream(root / group / split, scratch))
+            got = Counter(texts)
             assert got == docs, f"{group}/{split}"
+            # The length sidecar: each sample's byte tokens plus EOS, in sample order.
+            sidecar = (root / group / split / "lengths.npy").read_bytes()
+            assert info.lengths == sidecar_entry(sidecar)
+            lengths = load_sidecar(sidecar, info.lengths, info.samples, "sidecar")
+            assert lengths.tolist() == [len(t.encode()) + 1 for t in texts]
             assert info.documents == info.samples == sum(docs.values())
             assert info.text_bytes == sum(len(d.encode()) * n for d, n in docs.items())
             assert info.tokens is None
@@ -861,6 +868,34 @@ def test_trained_bpe_tokenizer_converts_exactly(tmp_path: Path, scratch: Path) -
     assert {k: v for k, v in first.items() if k != "mixture.json"} == {
         k: v for k, v in second.items() if k != "mixture.json"
     }
+
+
+def test_length_sidecars_count_the_length_tokenizer(tmp_path: Path, scratch: Path) -> None:
+    """Raw text with --length-tokenizer: each sample's length is its BPE ids + EOS, for any
+    worker count; the option is refused for packed output, where lengths are seq_len."""
+    from tokenizers import Tokenizer
+
+    docs = make_docs(200, seed=83)
+    tok_path = train_bpe(docs, 400, tmp_path / "tok" / "tokenizer.json")
+    tok = Tokenizer.from_file(str(tok_path))
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": d} for d in docs])
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        opts = options(length_tokenizer=str(tok_path), workers=workers)
+        report = convert([InputSpec(str(path), "a")], out, opts)
+        assert report.manifest.sample["length_tokenizer"] == str(tok_path)
+        for split in SPLITS:
+            info = report.manifest.split("a", split)
+            assert info.lengths is not None
+            data = (out / "a" / split / "lengths.npy").read_bytes()
+            lengths = load_sidecar(data, info.lengths, info.samples, split).tolist()
+            texts = texts_of(read_stream(out / "a" / split, scratch))
+            want = [len(tok.encode(t, add_special_tokens=False).ids) + 1 for t in texts]
+            assert lengths == want and sum(want) < sum(len(t.encode()) + 1 for t in texts)
+    assert tree_bytes(tmp_path / "out1") == tree_bytes(tmp_path / "out2")
+    packed = options(tokenizer="byte", length_tokenizer=str(tok_path))
+    with pytest.raises(ConvertError, match="--length-tokenizer applies to raw-text output"):
+        convert([InputSpec(str(path), "a")], tmp_path / "x", packed)
 
 
 # --------------------------------------------------------------------------- inspect / verify

@@ -137,6 +137,8 @@ def test_algorithm_keys_the_recipe_sets(mixture: str) -> None:
     message = error_of(base(mixture), "algorithm.val_interval=5")
     assert "eval_interval" in message
     assert "algorithm.name='adam' is not one of" in error_of(base(mixture), "algorithm.name=adam")
+    message = error_of(base(mixture), "data.weight_unit=bytes")
+    assert "data.weight_unit='bytes' is not one of samples, tokens" in message
 
 
 # ------------------------------------------------------------------ data and sizes
@@ -240,3 +242,16 @@ def test_gradient_clipping_is_a_checked_recipe_key(mixture: str) -> None:
     (clip,) = _gradient_clipping(1.0)
     assert isinstance(clip, GradientClipping) and clip.clipping_threshold == 1.0
     assert _gradient_clipping(None) == []
+
+
+def test_weight_unit_reaches_the_dataset(mixture: str, tmp_path: Path) -> None:
+    from mixstream.train.build import build_dataset
+
+    recipe = resolve_recipe(
+        base(mixture), [f"data.local={tmp_path / 'cache'}", "data.weight_unit=tokens"]
+    )
+    ds = build_dataset(recipe)
+    try:
+        assert ds.state_dict(0, True)["identity"]["weight_unit"] == "tokens"
+    finally:
+        ds.close()

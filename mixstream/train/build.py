@@ -95,6 +95,7 @@ def build_dataset(recipe: Recipe) -> DynamicStreamingDataset:
         num_workers=int(data["num_workers"]),
         prefetch_factor=int(data["prefetch_factor"]),
         lockstep=True,
+        weight_unit=data["weight_unit"],
     )
 
 

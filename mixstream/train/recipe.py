@@ -62,6 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "shuffle_block_size": 1 << 18,
         "local": None,
         "cache_limit": None,
+        "weight_unit": "samples",  # or "tokens" (DynamicStreamingDataset's weight_unit)
         "val_samples_per_group": 64,
         "test_samples_per_group": None,
     },
@@ -539,6 +540,7 @@ def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
             f"size {world} (the per-device batch is global / world size); use a multiple of "
             f"{world}"
         )
+    _check_choice(data["weight_unit"], "data.weight_unit", ("samples", "tokens"))
     _check_choice(config["precision"], "precision", PRECISIONS)
     _check_choice(config["device"], "device", DEVICES)
     mb = config["device_train_microbatch_size"]
