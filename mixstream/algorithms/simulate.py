@@ -874,13 +874,15 @@ ADAPTERS: dict[str, type[Adapter]] = {
 class SimResult:
     """One method's run on a planted law.
 
-    ``losses``: final expected loss per group (of the main run, for a proxy method);
+    ``losses``: final expected loss per group and ``params`` the final error ``u`` (of the
+    main run, for a proxy method);
     ``trained``: ``(steps, groups)``, the mixture each batch trained on (the sampling
     weights, or a proxy's loss weights); ``average``: the time-averaged sampling weights, or
     a proxy's output (what its main run trained on); ``proxy_losses``: a proxy's own.
     """
 
     losses: np.ndarray
+    params: np.ndarray
     trained: np.ndarray
     average: np.ndarray
     proxy_losses: np.ndarray | None = None
@@ -937,6 +939,7 @@ def simulate(
         adapter.on_step(run, step, batch)
     output = adapter.output()
     if output is None:
-        return SimResult(run.test_losses(), trained, run.schedule.average(law.steps))
+        return SimResult(run.test_losses(), run.u, trained, run.schedule.average(law.steps))
     main = simulate(law, StaticAdapter(output), seed, update_lag=update_lag)
-    return SimResult(main.losses, trained, np.asarray(output), proxy_losses=run.test_losses())
+    average = np.asarray(output)
+    return SimResult(main.losses, main.params, trained, average, run.test_losses())
