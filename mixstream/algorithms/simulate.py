@@ -56,7 +56,13 @@ from .aioli import AioliConfig, AioliState, LearnParamsPlan, sweep_mixtures
 from .dga import cosine_alignment, dga_update
 from .doge import DoGEState, doge_scores
 from .doremi import DoReMiState
-from .lmo import as_finite_array, check_positive, check_simplex, normalize_mixing_matrix
+from .lmo import (
+    as_finite_array,
+    check_fraction,
+    check_positive,
+    check_simplex,
+    normalize_mixing_matrix,
+)
 from .odm import ODMConfig, ODMState
 from .skillit import SkillItState, check_graph, learn_graph
 
@@ -703,7 +709,7 @@ class DGAAdapter(Adapter):
         normalize: bool = True,
     ) -> None:
         self.eta = check_positive("eta", eta)
-        self.ema = float(ema)
+        self.ema = check_fraction("ema", ema, allow_one=False)
         self.update_steps = _check_int("update_steps", update_steps, 1)
         self.probe_batch_size = _check_int("probe_batch_size", probe_batch_size, 1)
         self.normalize = bool(normalize)
@@ -750,14 +756,15 @@ class ADOAdapter(Adapter):
 
     name = "ado"
 
-    def __init__(self, **settings: Any) -> None:
+    def __init__(self, *, prior: Any | None = None, **settings: Any) -> None:
+        """``settings``: :class:`ADOConfig` fields; ``prior`` defaults to the weights at the
+        start (uniform), as the Composer ``ADO``'s does."""
+        self.prior = None if prior is None else tuple(check_simplex("prior", prior))
         self.settings = settings
 
     def setup(self, run: PlantedRun) -> None:
-        prior = self.settings.pop("prior", None)
-        prior = tuple(run.weights_at(0)) if prior is None else tuple(prior)
+        prior = tuple(run.weights_at(0)) if self.prior is None else self.prior
         self.config = ADOConfig(num_groups=run.num_groups, prior=prior, **self.settings)
-        self.settings["prior"] = prior
         self.ado = ADOState.initial(self.config)
         run.set_weights(self.config.initial_weights(), 0, effective_step=0)
 
