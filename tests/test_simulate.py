@@ -336,3 +336,20 @@ def test_skillit_graph_favours_the_group_swept_first() -> None:
         if 0 in rows and 2 in rows:
             break
     assert min(rows[0]) > 1.5 * max(rows[2])  # swept first vs last: the same group's row
+
+
+def test_benchmark_laws_are_what_their_names_say() -> None:
+    from benchmarks.simulated_mixing import LAWS
+
+    for label, make in LAWS.items():
+        law = make()
+        p, value = law.optimum
+        m = law.num_groups
+        assert label.startswith(f"{m} groups")
+        if "corner" in label:
+            np.testing.assert_allclose(p, np.eye(m)[0], atol=1e-9)
+        else:
+            assert p.min() > 0.01 and np.abs(p - 1 / m).sum() > 0.3
+        # and there is something to gain over uniform, well above the paired seed noise
+        assert law.objective(np.full(m, 1 / m))[0] - value > 0.02
+        assert ("low noise" in label) == (law.noise < 0.5)
