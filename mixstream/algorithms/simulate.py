@@ -26,7 +26,8 @@ model:
    recursion per coordinate and its *expected* final loss has a closed form
    (:meth:`PlantedLaw.expected_losses`): the optimal static mixture for the mean final
    validation loss over groups is a smooth minimisation on the simplex
-   (:meth:`PlantedLaw.optimum`), not a guess;
+   (:meth:`PlantedLaw.optimum`), not a guess (a mixture that changes during the run may
+   still beat it: a method's gap to it can be negative);
 3. within a block of directions the curvature spans a spectrum ``lambda_l = l^-decay``, so
    a loss is a sum of exponentials over a spectrum and falls like a power law in the steps,
    the law ADO fits, until SGD's noise floor (``eps``);
