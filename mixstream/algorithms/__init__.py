@@ -66,6 +66,7 @@ _EXPORTS = {
     "excess_loss": "mixstream.algorithms.doremi",
     # dga
     "alignment": "mixstream.algorithms.dga",
+    "cosine_alignment": "mixstream.algorithms.dga",
     "dga_update": "mixstream.algorithms.dga",
     # odm
     "ODMConfig": "mixstream.algorithms.odm",
@@ -93,7 +94,11 @@ _EXPORTS = {
     "skillit_update": "mixstream.algorithms.skillit",
     # simulate (toy runs under a planted mixing law, for tests and benchmarks)
     "LinearDynamicSimulator": "mixstream.algorithms.simulate",
+    "PlantedLaw": "mixstream.algorithms.simulate",
+    "PlantedRun": "mixstream.algorithms.simulate",
+    "SimResult": "mixstream.algorithms.simulate",
     "run_aioli": "mixstream.algorithms.simulate",
+    "simulate": "mixstream.algorithms.simulate",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -37,9 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from .lmo import check_fraction, check_simplex, exponentiated_gradient_step, is_tensor
+from .lmo import (
+    as_finite_array,
+    check_fraction,
+    check_simplex,
+    exponentiated_gradient_step,
+    is_tensor,
+)
 
-__all__ = ["alignment", "dga_update"]
+__all__ = ["alignment", "cosine_alignment", "dga_update"]
 
 
 def _flat_float(x: Any) -> Any:
@@ -96,6 +102,21 @@ def alignment(group_grads: Any, target_grad: Any) -> np.ndarray:
     if bad.size:
         raise ValueError(f"alignment is not finite for group(s) {bad.tolist()} (NaN/inf grads)")
     return a
+
+
+def cosine_alignment(inner: Any, group_norms: Any, target_norm: float) -> np.ndarray:
+    """``<g_i, g_t> / (|g_i| |g_t|)`` from inner products and norms; 0 for a zero gradient.
+
+    DGA's default (``normalize=True``): cosines make ``eta`` independent of the model's size,
+    loss scale and learning rate.
+    """
+    inner = as_finite_array("inner", inner, ndim=1)
+    norms = as_finite_array("group_norms", group_norms, ndim=1)
+    if norms.shape != inner.shape:
+        raise ValueError(f"{norms.size} gradient norms for {inner.size} inner products")
+    scale = norms * float(target_norm)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(scale > 0, inner / np.where(scale > 0, scale, 1.0), 0.0)
 
 
 def dga_update(alpha: Any, a: Any, eta: float, ema_decay: float = 0.0) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixstream.algorithms.dga import alignment
+from mixstream.algorithms.dga import alignment, cosine_alignment
 from mixstream.composer.signals import GroupSamples, forked_rng, token_losses, unwrap_model
 
 __all__ = [
@@ -147,6 +147,4 @@ def probe_alignment(
     )
     if not normalize:
         return result.inner
-    scale = result.group_norms * result.target_norm
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(scale > 0, result.inner / np.where(scale > 0, scale, 1.0), 0.0)
+    return cosine_alignment(result.inner, result.group_norms, result.target_norm)
