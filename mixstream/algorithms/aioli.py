@@ -89,10 +89,12 @@ MAX_SWEEP_SHARE = 0.5  # warn above this share of a run's steps spent in LearnPa
 MANY_GROUPS = 64  # warn above this many groups whatever the run length
 SCALABLE = (
     "for many groups use a method whose per-group signal comes from the training forward "
-    "pass, which costs O(groups) numbers per step and no extra steps: DoReMi "
-    "(mixstream.composer.DoReMi, per-group excess loss of the training batches against a "
-    "reference model), or a fixed mixture (StaticMixture, Stratified); or merge the groups "
-    "into a few (the Aioli paper mixes 2 to 7)"
+    "pass, which costs O(groups) numbers per step and no extra steps or passes: ODM "
+    "(mixstream.composer.ODM, a bandit rewarded by each group's training loss) or ADO "
+    "(mixstream.composer.ADO, per-group power-law fits of the training loss), DoReMi "
+    "(excess training loss against a reference model), or a fixed mixture (StaticMixture, "
+    "Stratified, or one found by `mixstream search`); or merge the groups into a few (the "
+    "Aioli paper mixes 2 to 7)"
 )
 
 
