@@ -296,8 +296,9 @@ class DynamicStreamingDataset(StreamingDataset):
             # streaming's constructor fills in each stream's defaults; copies keep the
             # caller's as given. Each copy checks its index before any shard I/O.
             copies = [_resilient(copy.copy(s), retry_seconds) for s in streams]
+            unhashed: list[tuple[str, int, int, int]] = []
             for s in copies:
-                s.get_shards = _checked_get_shards(s, self.verify_cache)  # type: ignore[method-assign]
+                s.get_shards = _checked_get_shards(s, self.verify_cache, unhashed)  # type: ignore[method-assign]
             try:
                 with sharedmem.agreeing_prefix(holdings), sharedmem.recording(holdings.segments):
                     super().__init__(
@@ -318,6 +319,7 @@ class DynamicStreamingDataset(StreamingDataset):
             raise
         finally:
             streaming_dataset_module.Spanner = original
+        _warn_unhashed(unhashed, len(copies), validate_hash)
         if sharedmem.created_prefix(holdings.segments):
             holdings.locks = [self._shared_barrier.filelock_path, self._cache_filelock_path]
         self._release = weakref.finalize(self, holdings.release)
@@ -922,6 +924,29 @@ class DynamicStreamingDataset(StreamingDataset):
             self._release()
 
 
+def _warn_unhashed(
+    unhashed: Sequence[tuple[str, int, int, int]], streams: int, validate_hash: str | None
+) -> None:
+    """One warning for all streams whose shards are checked by size only (a corpus of
+    thousands of groups would otherwise print a line per stream)."""
+    if not unhashed:
+        return
+    where, count, total, first = unhashed[0]
+    others = f" and {len(unhashed) - 1} more of the {streams} streams" if len(unhashed) > 1 else ""
+    log.warning(
+        "%s: %d of %d shards have no %s hash (shard %d first)%s; they are checked by size "
+        "only. Re-convert the stream%s with shard-tools (which records xxh64) to have them "
+        "verified",
+        where,
+        count,
+        total,
+        validate_hash,
+        first,
+        others,
+        "s" if len(unhashed) > 1 else "",
+    )
+
+
 def _whole_batch(value: Any, what: str, error: type[ValueError]) -> int:
     """``value`` as a global batch index, or ``error``: an integer from 0 to ``MAX_BATCH``.
 
@@ -1276,30 +1301,24 @@ def _resilient(stream: Stream, retry_seconds: float) -> Stream:
     return stream
 
 
-def _checked_get_shards(stream: Stream, verify_cache: bool) -> Any:
+def _checked_get_shards(
+    stream: Stream, verify_cache: bool, unhashed: list[tuple[str, int, int, int]]
+) -> Any:
     """``stream.get_shards`` that checks the index (:mod:`mixstream.shardindex`) before any
     shard I/O, and gives MDS shards readers that check their sample count (and, with
-    ``verify_cache``, their cached file) on first use."""
+    ``verify_cache``, their cached file) on first use. Streams with shards that have no
+    ``validate_hash`` digest are appended to ``unhashed`` (index, count, total, first)."""
     get_shards = checked_get_shards(stream)
 
     def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
         shards = get_shards(world, allow_unsafe_types)
-        unhashed = [
+        missing = [
             i
             for i, shard in enumerate(shards)
             if isinstance(stream, ResilientStream) and stream.missing_hash(shard) is not None
         ]
-        if unhashed:
-            log.warning(
-                "%s: %d of %d shards have no %s hash (shard %d first); they are checked by "
-                "size only. Re-convert the stream with shard-tools (which records xxh64) to "
-                "have them verified",
-                index_location(stream),
-                len(unhashed),
-                len(shards),
-                stream.validate_hash,
-                unhashed[0],
-            )
+        if missing:
+            unhashed.append((index_location(stream), len(missing), len(shards), missing[0]))
         for shard in shards:
             if type(shard) is MDSReader:
                 shard.__class__ = _CountedMDSReader
