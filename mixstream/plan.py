@@ -129,6 +129,7 @@ class MixturePlan:
             max(_CHUNK_MIN, min(1 << (per_group.bit_length() - 1), 1 << (n - 1).bit_length()))
             for n in self.group_sizes
         ]
+        self._chunk_widths = np.asarray(self._chunk_sizes, dtype=np.int64)
 
     @property
     def num_groups(self) -> int:
@@ -294,27 +295,24 @@ class MixturePlan:
         counts = np.asarray(draw.counts, dtype=np.int64)
         bounds = np.cumsum(counts)
         groups = np.searchsorted(bounds, slots, side="right").astype(np.int64)
-        # Position of each slot in its group's draw, then slots grouped by group (stable):
-        # one look-up per group present in the slice, O(slice log slice) in all.
-        within = slots - (bounds - counts)[groups]
-        order = np.argsort(groups, kind="stable")
-        sorted_groups = groups[order]
-        cuts = np.flatnonzero(np.diff(sorted_groups)) + 1
-        begins = [0, *cuts.tolist()]
-        ends = [*cuts.tolist(), len(order)]
-        ids = np.empty(len(slots), dtype=np.int64)
-        cursors = draw.cursors
-        runs = []
-        for a, b in zip(begins, ends, strict=True):
-            if a == b:
-                continue
-            members = order[a:b]
-            g = int(sorted_groups[a])
-            pos = within[members]
-            first = int(pos.min())
-            runs.append((members, g, pos, first, int(pos.max()) - first + 1))
-        self._fill([(g, cursors[g] + first, count) for _, g, _, first, count in runs])
-        for members, g, pos, first, count in runs:
-            span = self.group_positions(g, cursors[g] + first, count)
-            ids[members] = span[pos - first]
+        if not len(slots):
+            return np.empty(0, dtype=np.int64), groups
+        # Each slot's position in its group's sequence, and the cached chunk holding it:
+        # the chunks the slice needs are gathered into one array and indexed at once, so
+        # the Python work is one dictionary look-up per chunk, not numpy calls per group.
+        cursors = np.asarray(draw.cursors, dtype=np.int64)
+        pos = cursors[groups] + slots - (bounds - counts)[groups]
+        widths = self._chunk_widths[groups]
+        index = pos // widths
+        keys, inverse = np.unique(groups * (int(index.max(initial=0)) + 1) + index,
+                                  return_inverse=True)  # fmt: skip
+        picks = np.zeros(len(keys), dtype=np.int64)
+        picks[inverse] = np.arange(len(slots))
+        needed = list(zip(groups[picks].tolist(), index[picks].tolist(), strict=True))
+        missing = [key for key in needed if key not in self._chunks]
+        if missing:
+            self._compute(missing)
+        chunks = [self._chunk(g, i) for g, i in needed]
+        starts = np.concatenate([[0], np.cumsum([len(c) for c in chunks])[:-1]]).astype(np.int64)
+        ids = np.concatenate(chunks)[starts[inverse] + pos - index * widths]
         return ids, groups
