@@ -214,16 +214,18 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(ckpt["optimizer"])
         dataset.load_state_dict(ckpt["dataset"])
         mixer.load_state_dict(ckpt["mixer"])
-        torch.set_rng_state(ckpt["rng"][rank])
     mixer.start()  # before the DataLoader is iterated
     step = mixer.steps_done
     if rank == 0:
         print(f"{args.method}: batch {step} of {args.steps}, {world} ranks", flush=True)
 
     loader = DataLoader(dataset, batch_size=dataset.device_batch_size, num_workers=args.workers)
+    batches = iter(loader)
+    if found is not None:  # after iter(): a DataLoader iterator draws its seed from the RNG
+        torch.set_rng_state(ckpt["rng"][rank])
     while step < args.steps:
         yielded = 0  # batches from this iterator: the dataset's position is relative to it
-        for batch in loader:
+        for batch in batches:
             losses = token_losses(ddp, batch["input_ids"])
             optimizer.zero_grad(set_to_none=True)
             losses.mean().backward()
@@ -260,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)
             if step >= args.steps:
                 break
+        if step < args.steps:
+            batches = iter(loader)  # the next epoch
     mixer.finish()
     if rank == 0:
         print(f"done: {args.out / 'weights.json'}", flush=True)
