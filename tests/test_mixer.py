@@ -188,6 +188,9 @@ def test_api_misuse_is_refused_with_a_fix(mixture: str, tmp_path: Path) -> None:
         mixer = ODMMixer(dataset)
         with pytest.raises(RuntimeError, match=r"before start\(\): call mixer.start\(\)"):
             mixer.step(1)
+        with pytest.raises(RuntimeError, match=r"observe\(\) before start\(\)"):
+            mixer.observe(torch.ones(2, 4), torch.tensor([0, 1]))
+        mixer.start()
         with pytest.raises(ValueError, match="not the mean loss"):
             mixer.observe(torch.tensor(1.0), torch.tensor([0]))
         with pytest.raises(ValueError, match="2 group ids for 3 sequences"):
@@ -196,7 +199,7 @@ def test_api_misuse_is_refused_with_a_fix(mixture: str, tmp_path: Path) -> None:
             mixer.observe(torch.ones(2, 4), torch.tensor([0, 3]))
         with pytest.raises(ValueError, match="one loss and one token count per group"):
             mixer.observe_group_losses([1.0, 2.0], [4, 4])
-        with pytest.raises(ValueError, match="not a ODM mixer state"):
+        with pytest.raises(ValueError, match="not a mixer state of ODM"):
             mixer.load_state_dict({"weights": [1, 0, 0]})
         with pytest.raises(ValueError, match="needs per-group validation losses: pass evaluate="):
             mixer.validation_losses()
@@ -207,7 +210,7 @@ def test_api_misuse_is_refused_with_a_fix(mixture: str, tmp_path: Path) -> None:
         iterator = iter(DataLoader(dataset, batch_size=8))
         next(iterator)
         with pytest.raises(RuntimeError, match="before iterating the DataLoader"):
-            mixer.start()
+            ODMMixer(dataset).start()
         other = ODMMixer(dataset)
         other.load_state_dict({"step": 4, "method": {}})
         with pytest.raises(ValueError, match="from batch 4 but training is at batch 0"):

@@ -157,6 +157,12 @@ class MixingAlgorithm(Algorithm):
 
     def apply(self, event: Event, state: State, logger: Logger) -> None:
         self._event = (state, logger)
+        try:
+            self._apply(event, state, logger)
+        finally:
+            self._event = None
+
+    def _apply(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start(state, logger)
         elif event == Event.AFTER_DATALOADER:

@@ -230,11 +230,7 @@ class Mixer:
 
         Collective: call it on every rank after every batch, with the same ``step``.
         """
-        if not self._started:
-            raise RuntimeError(
-                f"{self.name}.step({step}) before start(): call mixer.start() once, before "
-                "iterating the DataLoader"
-            )
+        self._require_started(f"step({step})")
         step = int(step)
         self._step = step
         self.dataset.advance(step)
@@ -246,6 +242,13 @@ class Mixer:
             self.record("train_loss", step, losses=self.flush_train_losses())
         if self.val_interval and step % self.val_interval == 0 and self._val_step != step:
             self.record("val_loss", step, losses=self.validation_losses())
+
+    def _require_started(self, call: str) -> None:
+        if not self._started:
+            raise RuntimeError(
+                f"{self.name}.{call} before start(): call mixer.start() once, before "
+                "iterating the DataLoader"
+            )
 
     def finish(self, step: int | None = None) -> None:
         """End of training: record the ``final`` row and write ``weights.json`` (rank 0)."""
@@ -284,6 +287,7 @@ class Mixer:
         ``groups`` is the batch's ``group`` column (one id per sequence). This rank's share
         only: :meth:`step` reduces across ranks. The losses are detached (no graph is kept).
         """
+        self._require_started("observe()")
         losses = torch.as_tensor(token_losses).detach()
         if losses.dim() == 0:
             raise ValueError(
@@ -310,6 +314,7 @@ class Mixer:
 
         For a loop that reduces by group itself; groups with no tokens may have any loss.
         """
+        self._require_started("observe_group_losses()")
         m = self.num_groups
         loss = np.asarray(torch.as_tensor(losses).detach().cpu(), dtype=np.float64).reshape(-1)
         count = np.asarray(torch.as_tensor(tokens).detach().cpu(), dtype=np.float64).reshape(-1)
@@ -471,7 +476,8 @@ class Mixer:
         """Continue from :meth:`state_dict`'s ``state``; call before :meth:`start`."""
         if not isinstance(state, Mapping) or "step" not in state:
             raise ValueError(
-                f"not a {self.name} mixer state (no 'step'); pass what mixer.state_dict() returned"
+                f"not a mixer state of {self.name} (no 'step'); pass what mixer.state_dict() "
+                "returned"
             )
         self._loaded_step = int(state["step"])
         self._step = self._loaded_step
