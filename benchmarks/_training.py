@@ -264,7 +264,7 @@ def unigram_entropy(manifest: str, split: str, groups: Sequence[str]) -> dict[st
     """
     import numpy as np
 
-    from mixstream.composer.signals import GroupSamples
+    from mixstream.mixing.signals import GroupSamples
 
     samples = GroupSamples(manifest, split, groups, samples_per_group=None)
     out = {}

@@ -198,8 +198,14 @@ def worker_main(args: argparse.Namespace) -> dict[str, Any]:
             def __init__(self, **kwargs: Any) -> None:
                 super().__init__(**kwargs)
                 self.hook_s = 0.0  # everything it did on Composer events, evaluations included
-                self.eval_s = 0.0
-                self.evals = 0
+
+            @property
+            def eval_s(self) -> float:
+                return self.mixer.eval_seconds  # timed around every evaluate() by the mixer
+
+            @property
+            def evals(self) -> int:
+                return self.mixer.evaluations
 
             def apply(self, event: Event, state: State, logger: Logger) -> Any:
                 t0 = time.perf_counter()
@@ -207,14 +213,6 @@ def worker_main(args: argparse.Namespace) -> dict[str, Any]:
                     return super().apply(event, state, logger)
                 finally:
                     self.hook_s += time.perf_counter() - t0
-
-            def validation_losses(self, state: State) -> Any:
-                t0 = time.perf_counter()
-                try:
-                    return super().validation_losses(state)
-                finally:
-                    self.eval_s += time.perf_counter() - t0
-                    self.evals += 1
 
         Timed.__name__ = Timed.__qualname__ = f"Timed{cls.__name__}"
         return Timed

@@ -395,6 +395,16 @@ class DynamicStreamingDataset(StreamingDataset):
         return self.batches_per_epoch * self.device_batch_size
 
     @property
+    def step(self) -> int:
+        """Global batches the trainer has announced (``advance``/``set_weights``) or resumed at."""
+        return self._step
+
+    @property
+    def started(self) -> bool:
+        """Whether an iterator (here or in a DataLoader worker) has begun planning batches."""
+        return self._channel.started
+
+    @property
     def weights(self) -> dict[str, float]:
         """Weights in force at the trainer's current step."""
         return self._as_dict(self._schedule.at(self._step))

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from mixstream.composer.history import HISTORY_FILE
+from mixstream.mixing.history import HISTORY_FILE
 
 __all__ = ["PLOT_FILE", "plot_run", "weight_steps"]
 

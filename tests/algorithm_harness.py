@@ -97,7 +97,7 @@ def rank_fit(rank: int, cfg: dict[str, Any]) -> dict[str, Any]:
         cfg = {**cfg, "log_path": f"{cfg['log_path']}.rank{rank}"}
     _, algorithm = fit(cfg)
     # Plain values only: tensors (e.g. RNG states) would outlive the rank process in the queue.
-    return {"schedule": algorithm.mixing_dataset.schedule, "method": algorithm.method_state()}
+    return {"schedule": algorithm.mixing_dataset.schedule, "method": algorithm.mixer.method_state()}
 
 
 def run_script(

@@ -15,7 +15,7 @@ from algorithm_harness import fit, kill_and_resume, rank_fit
 from mixture_harness import GROUPS
 
 from mixstream.algorithms import ADO, ADOConfig, ADOState, ado_update
-from mixstream.composer.history import read_history
+from mixstream.mixing.history import read_history
 from mixstream.testing.distributed import run_ranks
 
 STEPS = 12
@@ -56,7 +56,7 @@ def test_bad_configuration_fails_at_construction(kwargs: dict[str, Any], message
 # ----------------------------------------------------------------------- end to end
 def test_laws_are_fit_to_the_logged_training_losses(reference: dict[str, Any]) -> None:
     algorithm, rows = reference["algorithm"], reference["rows"]
-    dataset, state = algorithm.mixing_dataset, algorithm.ado
+    dataset, state = algorithm.mixing_dataset, algorithm.mixer.ado
     assert state.steps == STEPS and state.fits == 3
     # The points of the laws are the run's per-group training losses of each batch
     # (log_interval=1): one signal from the training forward pass, not a second one.
@@ -96,7 +96,7 @@ def test_prior_is_sampled_through_the_warmup(mixture: str, tmp_path: Path) -> No
     schedule = algorithm.mixing_dataset.schedule
     assert schedule[0] == (0, pytest.approx(prior))
     assert [b for b, _ in schedule] == [0, 6 + algorithm.mixing_dataset.update_lag]
-    assert algorithm.ado.prior == pytest.approx(list(prior.values()))
+    assert algorithm.mixer.ado.prior == pytest.approx(list(prior.values()))
 
 
 def test_two_ranks_pool_their_losses_and_agree(mixture: str, tmp_path: Path) -> None:

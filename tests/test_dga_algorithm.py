@@ -15,9 +15,9 @@ from algorithm_harness import fit
 
 from mixstream.algorithms import DGA
 from mixstream.composer.dga import draw_probe, probe_alignment
-from mixstream.composer.history import read_history
 from mixstream.composer.model import MixtureLM
-from mixstream.composer.signals import GroupSamples
+from mixstream.mixing.history import read_history
+from mixstream.mixing.signals import GroupSamples
 
 STEPS = 12
 SAVE_AT = 6

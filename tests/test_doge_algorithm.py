@@ -15,9 +15,9 @@ from algorithm_harness import fit, kill_and_resume, rank_fit
 from mixture_harness import GROUPS
 
 from mixstream.algorithms import DoGE, DoGEState, doge_scores
-from mixstream.composer.history import read_history
 from mixstream.composer.model import MixtureLM
 from mixstream.composer.probes import probe_gradients
+from mixstream.mixing.history import read_history
 from mixstream.testing.distributed import run_ranks
 
 STEPS = 8

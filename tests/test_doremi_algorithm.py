@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from mixstream import DynamicStreamingDataset, storage
 from mixstream.algorithms import DoReMi
 from mixstream.composer.doremi import load_reference_model, weighted_token_loss
-from mixstream.composer.history import read_history
 from mixstream.composer.model import MixtureLM
+from mixstream.mixing.history import read_history
 from mixstream.testing.distributed import run_ranks
 
 REFERENCE_STEPS = 30

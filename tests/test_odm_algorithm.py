@@ -15,7 +15,7 @@ from algorithm_harness import fit, kill_and_resume, rank_fit
 from mixture_harness import GROUPS
 
 from mixstream.algorithms import ODM, ODMConfig, ODMState
-from mixstream.composer.history import read_history
+from mixstream.mixing.history import read_history
 from mixstream.testing.distributed import run_ranks
 
 STEPS = 12
@@ -76,7 +76,7 @@ def test_bandit_learns_from_the_logged_training_losses(reference: dict[str, Any]
         assert list(w["weights"].values()) == pytest.approx(list(policy), rel=1e-9)
         assert w["effective_step"] == r["step"] + dataset.update_lag
         np.testing.assert_allclose(schedule.at(w["effective_step"]), policy, rtol=1e-9)
-    assert state.rewards == pytest.approx(algorithm.bandit.rewards, rel=1e-12)
+    assert state.rewards == pytest.approx(algorithm.mixer.bandit.rewards, rel=1e-12)
     assert not np.allclose(schedule.at(STEPS), 1 / 3)  # the mixture moved off uniform
     saved = json.loads((reference["tmp"] / "run" / "weights.json").read_text())
     assert saved["method"] == "ODM" and saved["odm"]["updates"] == STEPS - WARMUP

@@ -16,7 +16,7 @@ import pytest
 from benchmarks._training import schedule_overrides
 from benchmarks.quality import aioli_overrides, parse_settings, plan_runs
 from mixstream.algorithms.aioli import AioliConfig
-from mixstream.composer.signals import GroupSamples, sample_indices
+from mixstream.mixing.signals import GroupSamples, sample_indices
 from mixstream.train.stats import Paired, paired, relative_sd, t975
 
 REPO = Path(__file__).resolve().parents[1]

@@ -425,30 +425,27 @@ def test_weights_json_keeps_the_whole_schedule_from_the_history(
     """The dataset keeps its last changes only; weights.json gets them all back from the
     run's mixture_history.jsonl, checked against the dataset's digest. A history that
     lacks some is not trusted: the kept part is written, marked, and refused as a replay."""
-    from mixstream.composer.history import HISTORY_FILE, MixtureHistory
-    from mixstream.composer.static import Stratified, load_weights_file
+    from mixstream.mixing import Mixer, load_weights_file
+    from mixstream.mixing.history import HISTORY_FILE
 
     monkeypatch.setattr(dataset_module, "_HISTORY_ENTRIES", 2)
     ds = DynamicStreamingDataset(manifest=mixture, batch_size=BATCH, update_lag=1)
-    algo = Stratified(run_dir=tmp_path)
-    algo.dataset, algo.groups = ds, list(ds.group_names)
-    algo._history = MixtureHistory(tmp_path)
-    logger = SimpleNamespace(log_metrics=lambda *args, **kwargs: None)
-    end = SimpleNamespace(timestamp=SimpleNamespace(batch=12))
+    mixer = Mixer(ds, run_dir=tmp_path)
     try:
-        algo.set_weights([1.0, 1.0, 1.0], 0, logger, effective_step=0)
+        mixer.start()
+        mixer.set_weights([1.0, 1.0, 1.0], 0, effective_step=0)
         rng = np.random.default_rng(0)
         for step in range(1, 12):
-            algo.set_weights(rng.dirichlet(np.ones(3)), step, logger)
+            mixer.set_weights(rng.dirichlet(np.ones(3)), step)
         assert ds.weight_schedule.past.entries > 0
-        algo._fit_end(end, logger)
+        mixer.finish(12)
         saved = json.loads((tmp_path / "weights.json").read_text())
         assert "schedule_past" not in saved and [b for b, _ in saved["schedule"]][:2] == [0, 2]
         assert len(load_weights_file(str(tmp_path / "weights.json"), "schedule")) == 12
         history = tmp_path / HISTORY_FILE
         rows = history.read_text().splitlines()
         history.write_text("\n".join(rows[1:]) + "\n")  # the first change is gone
-        algo._fit_end(end, logger)
+        mixer.finish(12)
         saved = json.loads((tmp_path / "weights.json").read_text())
         assert saved["schedule_past"]["entries"] == ds.weight_schedule.past.entries
         with pytest.raises(ValueError, match="holds only the last"):

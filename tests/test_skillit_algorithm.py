@@ -17,7 +17,7 @@ from mixture_harness import GROUPS
 from mixstream.algorithms import SkillIt
 from mixstream.algorithms.aioli import LearnParamsPlan, sweep_mixtures
 from mixstream.algorithms.skillit import learn_graph, skillit_update
-from mixstream.composer.history import read_history
+from mixstream.mixing.history import read_history
 from mixstream.testing.distributed import run_ranks
 
 STEPS = 12
@@ -123,7 +123,7 @@ def test_a_given_graph_skips_the_phase(
         first = [r for r in rows if r["kind"] == "weights" and r["step"] == 0][-1]
         p = skillit_update(G, losses[:1], eta=0.5)
         np.testing.assert_allclose(list(first["weights"].values()), p, rtol=1e-9)
-        assert algorithm.state.graph == G.tolist()
+        assert algorithm.mixer.state.graph == G.tolist()
 
 
 def test_two_ranks_pool_their_losses_and_agree(mixture: str, tmp_path: Path) -> None:

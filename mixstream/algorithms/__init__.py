@@ -21,7 +21,8 @@ a model) and hold no trainer state beyond small, serialisable dataclasses. Train
 integrations (the Composer ``Algorithm`` classes ``Stratified``, ``StaticMixture``, ``Aioli``,
 ``DoReMi``, ``DGA``, ``ODM``, ``ADO``, ``SkillIt``, ``DoGE``) live in :mod:`mixstream.composer`
 and are exported here lazily, so ``import mixstream.algorithms`` alone never imports a training
-framework.
+framework. When each rule acts, on which signals, lives once in :mod:`mixstream.mixing` (the
+``Mixer`` a plain PyTorch loop drives, and the Composer classes feed).
 """
 
 from __future__ import annotations

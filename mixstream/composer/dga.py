@@ -32,8 +32,8 @@ from mixstream.algorithms.dga import dga_update
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.composer.mixing import MixingAlgorithm
 from mixstream.composer.probes import TARGET, draw_probe, probe_alignment, require_whole_model
-from mixstream.composer.signals import GroupSamples
 from mixstream.manifest import Manifest
+from mixstream.mixing.signals import GroupSamples
 
 __all__ = ["DGA", "draw_probe", "probe_alignment"]
 
@@ -140,10 +140,10 @@ class DGA(MixingAlgorithm):
         if fresh:
             self.updates, self.last_alignment = 0, None
             if self.initial_weights is not None:
-                weights = self.normalize(self.initial_weights)
-                self.set_weights(weights, step, logger, effective_step=step)
+                weights = self.mixer.normalize(self.initial_weights)
+                self.mixer.set_weights(weights, step, effective_step=step)
         if fresh or self.alpha is None:  # after a resume alpha is the checkpointed one
-            self.alpha = self._weights_at(step).copy()
+            self.alpha = self.mixer.weights_at(step).copy()
         if self.alpha.shape != (self.num_groups,):
             raise ValueError(
                 f"DGA's saved weights have {self.alpha.size} entries but the dataset has "
@@ -159,14 +159,14 @@ class DGA(MixingAlgorithm):
         alpha = dga_update(self.alpha, a, self.eta, self.ema)
         self.last_alignment = a
         self.updates += 1
-        self.record("dga", step, logger, alignment=a, update=self.updates)
+        self.mixer.record("dga", step, alignment=a, update=self.updates)
         logger.log_metrics(
-            {f"mixture/dga_alignment/{g}": float(v) for g, v in self._named(a).items()},
+            {f"mixture/dga_alignment/{g}": float(v) for g, v in self.mixer.named(a).items()},
             step=step,
         )
-        effective = self.set_weights(alpha, step, logger)
+        effective = self.mixer.set_weights(alpha, step)
         # Rank 0's weights (set_weights broadcasts them), so every rank continues from them.
-        self.alpha = self._weights_at(effective).copy()
+        self.alpha = self.mixer.weights_at(effective).copy()
 
     def probe(self, state: State, step: int) -> np.ndarray:
         """The alignment of every group with the target at ``step`` (see module doc)."""

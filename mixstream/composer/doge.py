@@ -47,7 +47,7 @@ from mixstream.composer.probes import (
     probe_gradients,
     require_whole_model,
 )
-from mixstream.composer.signals import GroupSamples, all_reduce_sum
+from mixstream.mixing.signals import GroupSamples, all_reduce_sum
 
 __all__ = ["DoGE"]
 
@@ -126,8 +126,8 @@ class DoGE(MixingAlgorithm):
         self._pool: GroupSamples | None = None
         self._target_pool: GroupSamples | None = None
         self._w: torch.Tensor | None = None
-        if self.groups is not None and initial_weights is not None:
-            self.normalize_initial(self.groups)
+        if self.mixer.groups is not None and initial_weights is not None:
+            self.normalize_initial(self.mixer.groups)
 
     def normalize_initial(self, groups: Sequence[str]) -> np.ndarray:
         from mixstream.weights import normalize_weights
@@ -171,7 +171,7 @@ class DoGE(MixingAlgorithm):
         if fresh:
             start = self.doge.weights if self.objective == "resample" else None
             uniform = np.full(self.num_groups, 1.0 / self.num_groups)
-            self.set_weights(uniform if start is None else start, 0, logger, effective_step=0)
+            self.mixer.set_weights(uniform if start is None else start, 0, effective_step=0)
 
     # --------------------------------------------------------------- per microbatch / step
     def on_loss(self, state: State, logger: Logger) -> None:
@@ -199,15 +199,15 @@ class DoGE(MixingAlgorithm):
         w = self.doge.update(scores, self.mu, self.smoothing)
         self.last_scores = scores
         self._w = state.device.tensor_to_device(torch.as_tensor(w, dtype=torch.float32))
-        self.record("doge", step, logger, scores=scores, inner=probe.inner,
+        self.mixer.record("doge", step, scores=scores, inner=probe.inner,
                     grad_norms=probe.group_norms, target_norm=probe.target_norm, lr=lr,
                     weights=w, update=self.doge.updates)  # fmt: skip
         logger.log_metrics(
-            {f"mixture/doge_score/{g}": float(v) for g, v in self._named(scores).items()},
+            {f"mixture/doge_score/{g}": float(v) for g, v in self.mixer.named(scores).items()},
             step=step,
         )
         if self.objective == "resample":
-            self.set_weights(w, step, logger)
+            self.mixer.set_weights(w, step)
 
     def probe(self, state: State, step: int) -> ProbeResult:
         """Inner products and norms of every group's gradient and the target's at ``step``."""

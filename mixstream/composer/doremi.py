@@ -42,7 +42,7 @@ from composer.loggers import Logger
 from mixstream import storage
 from mixstream.algorithms.doremi import DoReMiState
 from mixstream.composer.mixing import MixingAlgorithm
-from mixstream.composer.signals import all_reduce_sum, group_sums, token_losses, unwrap_model
+from mixstream.mixing.signals import all_reduce_sum, group_sums, token_losses, unwrap_model
 
 __all__ = ["OBJECTIVES", "DoReMi", "load_reference_model", "weighted_token_loss"]
 
@@ -239,13 +239,13 @@ class DoReMi(MixingAlgorithm):
             if self.initial_weights is None:
                 self.doremi = DoReMiState(num_groups=k, **kwargs)
             else:
-                start = self.normalize(self.initial_weights)
+                start = self.mixer.normalize(self.initial_weights)
                 self.doremi = DoReMiState.with_initial_weights(start, **kwargs)
             self._window_sums, self._window_counts = np.zeros(k), np.zeros(k)
         elif self.doremi.num_groups != k:
             raise ValueError(
                 f"the checkpointed DoReMi state has {self.doremi.num_groups} groups, the dataset "
-                f"{k} ({', '.join(self.groups or [])}); resume with the same groups"
+                f"{k} ({', '.join(self.mixer.groups or [])}); resume with the same groups"
             )
         else:  # resumed: keep the learnt weights, follow this run's step size and smoothing
             self.doremi.eta, self.doremi.smoothing = self.eta, self.smoothing
@@ -256,7 +256,7 @@ class DoReMi(MixingAlgorithm):
         )
         if fresh:
             start = self.doremi.weights if self.objective == "resample" else np.ones(k) / k
-            self.set_weights(start, 0, logger, effective_step=0)
+            self.mixer.set_weights(start, 0, effective_step=0)
 
     # --------------------------------------------------------------- per microbatch
     def on_loss(self, state: State, logger: Logger) -> None:
@@ -308,11 +308,11 @@ class DoReMi(MixingAlgorithm):
         excess = np.where(counts > 0, sums / np.maximum(counts, 1), previous)
         alpha = self.doremi.update_from_excess(excess)
         self._alpha = state.device.tensor_to_device(torch.as_tensor(alpha, dtype=torch.float32))
-        named = self._named(excess)
+        named = self.mixer.named(excess)
         logger.log_metrics({f"mixture/doremi_excess/{g}": v for g, v in named.items()}, step=step)
-        self.record("doremi", step, logger, excess=excess, tokens=counts, weights=alpha)
+        self.mixer.record("doremi", step, excess=excess, tokens=counts, weights=alpha)
         if self.objective == "resample":
-            self.set_weights(alpha, step, logger)
+            self.mixer.set_weights(alpha, step)
 
     # --------------------------------------------------------------- output and checkpoints
     def recommended_weights(self, step: int) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mixstream.algorithms.dga import alignment, cosine_alignment
-from mixstream.composer.signals import GroupSamples, forked_rng, token_losses, unwrap_model
+from mixstream.mixing.signals import GroupSamples, forked_rng, token_losses, unwrap_model
 
 __all__ = [
     "TARGET",

@@ -7,46 +7,16 @@ whole ``schedule``), and ``StaticMixture(weights_file=..., use=...)`` trains on 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from composer.core import State
 from composer.loggers import Logger
 
-from mixstream import storage
 from mixstream.composer.mixing import MixingAlgorithm
+from mixstream.mixing.history import load_weights_file
 
 __all__ = ["StaticMixture", "Stratified", "load_weights_file"]
-
-USES = ("average", "final", "schedule")
-
-
-def load_weights_file(path: str, use: str = "average") -> list[tuple[int, Any]]:
-    """``(effective step, weights)`` entries from a ``weights.json`` (local or ``s3://``)."""
-    if use not in USES:
-        raise ValueError(f"use must be one of {', '.join(USES)}, got {use!r}")
-    try:
-        data = json.loads(storage.read_bytes(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"weights file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"weights file {path} is not JSON: {exc}") from None
-    if not isinstance(data, dict) or use not in data:
-        raise ValueError(
-            f"weights file {path} has no {use!r} entry; is it a mixstream weights.json?"
-        )
-    if use == "schedule":
-        past = data.get("schedule_past") or {}
-        if past.get("entries"):
-            raise ValueError(
-                f"weights file {path} holds only the last {len(data[use])} changes of its "
-                f"run's schedule (the {past['entries']} before batch {data[use][0][0]} were "
-                "not in its mixture_history.jsonl); replay it with use='average' or 'final'"
-            )
-        groups = data.get("groups")
-        return [(int(b), dict(zip(groups, w, strict=True)) if groups else w) for b, w in data[use]]
-    return [(0, data[use])]
 
 
 class StaticMixture(MixingAlgorithm):
@@ -85,13 +55,15 @@ class StaticMixture(MixingAlgorithm):
         self.weights_file = weights_file
 
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
-        checked = [(b, self.normalize(w)) for b, w in self.entries]  # unknown groups fail here
+        checked = [
+            (b, self.mixer.normalize(w)) for b, w in self.entries
+        ]  # unknown groups fail here
         if not fresh:
             return  # the dataset's checkpoint holds the schedule
         if not checked or checked[0][0] > 0:
-            checked.insert(0, (0, self.normalize([1.0] * self.num_groups)))
+            checked.insert(0, (0, self.mixer.normalize([1.0] * self.num_groups)))
         for step, weights in checked:
-            self.set_weights(weights, 0, logger, effective_step=step)
+            self.mixer.set_weights(weights, 0, effective_step=step)
 
 
 class Stratified(StaticMixture):

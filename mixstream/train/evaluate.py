@@ -77,7 +77,7 @@ def evaluate_groups(
     local: str | None = None,
 ) -> GroupResults:
     """Mean token loss per group of ``model`` on ``split`` (collective across ranks)."""
-    from mixstream.composer.signals import GroupSamples, evaluate_group_losses
+    from mixstream.mixing.signals import GroupSamples, evaluate_group_losses
 
     samples = GroupSamples(manifest, split, groups, samples_per_group, local=local)
     losses = evaluate_group_losses(model, samples, batch_size, device, precision_context)

@@ -117,6 +117,9 @@ _ALGORITHM_RESERVED = {
     "log_interval": "log_interval",
     "val_interval": "eval_interval",
     "val_samples_per_group": "data.val_samples_per_group",
+    "total_steps": "max_duration",
+    "evaluate": "data.val_samples_per_group (the run measures the val split itself)",
+    "log_metrics": "the recipe's loggers",
 }
 #: optimizer name -> (module, class)
 OPTIMIZERS = {
@@ -348,7 +351,9 @@ def accepted_kwargs(cls: type, skip: int = 1) -> tuple[set[str], set[str]]:
     """(known, required) keyword arguments of ``cls(...)``, following ``**kwargs`` up the MRO.
 
     ``skip`` leading positional parameters (``self``, and e.g. an optimizer's ``params``) are
-    not options. Only the class's own parameters without a default count as required.
+    not options. Only the class's own parameters without a default count as required. A
+    mixing algorithm's ``**kwargs`` go to its ``mixer_class``, whose options count too (not
+    its ``dataset``, which the algorithm finds itself).
     """
     known: set[str] = set()
     required: set[str] = set()
@@ -369,6 +374,9 @@ def accepted_kwargs(cls: type, skip: int = 1) -> tuple[set[str], set[str]]:
         first = False
         if not forwards:
             break
+    mixer = getattr(cls, "mixer_class", None)
+    if isinstance(mixer, type):
+        known |= accepted_kwargs(mixer, skip=2)[0]
     return known, required
 
 

@@ -1,4 +1,5 @@
-"""``mixture_history.jsonl``: one JSON row per mixing event, in the run folder.
+"""The files of a run folder: ``mixture_history.jsonl`` (one JSON row per mixing event) and
+``weights.json`` (the run's recommended and time-averaged weights and its schedule).
 
 Rows are ``{"step": batches done, "kind": ..., ...}``. Kinds written by the algorithms:
 
@@ -13,6 +14,10 @@ Rows are ``{"step": batches done, "kind": ..., ...}``. Kinds written by the algo
 
 On resume the rows past the checkpoint are dropped (they will be written again), so the
 file always describes one consistent run.
+
+``weights.json`` is written by :meth:`mixstream.mixing.Mixer.finish` and read back by
+:func:`load_weights_file` (``StaticMixture(weights_file=...)``, the ``prior`` of Aioli, ADO
+and Skill-It).
 """
 
 from __future__ import annotations
@@ -22,9 +27,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["HISTORY_FILE", "MixtureHistory", "read_history"]
+from mixstream import storage
+
+__all__ = ["HISTORY_FILE", "USES", "WEIGHTS_FILE", "MixtureHistory", "load_weights_file",
+           "read_history"]  # fmt: skip
 
 HISTORY_FILE = "mixture_history.jsonl"
+WEIGHTS_FILE = "weights.json"
+#: what :func:`load_weights_file` can take from a weights file
+USES = ("average", "final", "schedule")
 
 
 def read_history(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -67,3 +78,30 @@ class MixtureHistory:
     def append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def load_weights_file(path: str, use: str = "average") -> list[tuple[int, Any]]:
+    """``(effective step, weights)`` entries from a ``weights.json`` (local or ``s3://``)."""
+    if use not in USES:
+        raise ValueError(f"use must be one of {', '.join(USES)}, got {use!r}")
+    try:
+        data = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file {path} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"weights file {path} is not JSON: {exc}") from None
+    if not isinstance(data, dict) or use not in data:
+        raise ValueError(
+            f"weights file {path} has no {use!r} entry; is it a mixstream weights.json?"
+        )
+    if use == "schedule":
+        past = data.get("schedule_past") or {}
+        if past.get("entries"):
+            raise ValueError(
+                f"weights file {path} holds only the last {len(data[use])} changes of its "
+                f"run's schedule (the {past['entries']} before batch {data[use][0][0]} were "
+                "not in its mixture_history.jsonl); replay it with use='average' or 'final'"
+            )
+        groups = data.get("groups")
+        return [(int(b), dict(zip(groups, w, strict=True)) if groups else w) for b, w in data[use]]
+    return [(0, data[use])]

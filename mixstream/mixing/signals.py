@@ -1,4 +1,4 @@
-"""Per-group loss signals for the mixing algorithms, taken without disturbing training.
+"""Per-group loss signals for the mixers, taken without disturbing training.
 
 * Training loss per group comes from the training forward pass itself: the model's
   per-token losses (``token_losses``) summed by the batch's ``group`` ids.
@@ -7,28 +7,34 @@
   streams and the training dataloader exactly as they were.
 * With several ranks every signal is all-reduced before use, so every rank computes the
   same mixture (and ``set_weights`` broadcasts rank 0's anyway).
+
+Framework-free: ranks are ``torch.distributed``'s default process group (the one Composer,
+torchrun scripts and :mod:`mixstream.testing.distributed` initialise), and a model is any
+``torch.nn.Module``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from composer.utils import dist
+import torch.distributed as dist
 
 from mixstream.manifest import Manifest
 
 __all__ = [
+    "GroupEvaluator",
     "GroupSamples",
     "all_reduce_sum",
     "evaluate_group_losses",
     "forked_rng",
     "group_loss_sums",
     "group_sums",
+    "rank_and_world",
     "sample_indices",
     "token_losses",
     "unwrap_model",
@@ -84,9 +90,26 @@ def group_sums(values: torch.Tensor, groups: torch.Tensor, num_groups: int) -> t
     return prefix[edges[1:]] - prefix[edges[:-1]]
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (``(0, 1)`` without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.get_world_size() > 1:
-        dist.all_reduce(tensor, reduce_operation="SUM")
+    """``tensor`` summed over all ranks (itself with one rank).
+
+    NCCL reduces CUDA tensors only, so under it a CPU tensor makes the trip through the
+    current CUDA device and comes back; the result is on ``tensor``'s device either way.
+    """
+    if rank_and_world()[1] == 1:
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(moved)
+        return moved.to(tensor.device)
+    dist.all_reduce(tensor)
     return tensor
 
 
@@ -203,30 +226,107 @@ def evaluate_group_losses(
     samples: GroupSamples,
     batch_size: int,
     device: Any | None = None,
-    precision_context: Any | None = None,
+    precision_context: Callable[[], Any] | None = None,
+    losses: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Mean token loss of each group over ``samples``, across all ranks (collective).
 
-    ``device`` is a Composer device (moves batches); ``precision_context`` a callable
+    ``losses(batch)`` gives the per-token losses ``(batch, tokens)`` of a batch of CPU tensors
+    (default: ``model(batch)`` and the model's ``per_token_loss``, :func:`token_losses`);
+    ``device`` is a Composer device (moves batches), ``precision_context`` a callable
     returning the autocast context the trainer uses.
     """
-    rank, world = dist.get_global_rank(), dist.get_world_size()
+    rank, world = rank_and_world()
     sums = torch.zeros(len(samples), dtype=torch.float64)
     counts = torch.zeros_like(sums)
     with _untouched(model):
         for g in range(len(samples)):
             for batch, keep in samples.batches(g, batch_size, rank, world):
-                if device is not None:
-                    batch = device.batch_to_device(batch)
-                context = precision_context() if precision_context else contextlib.nullcontext()
-                with context:
-                    outputs = model(batch)
-                per_token = token_losses(model, outputs, batch).detach().double().cpu()
+                if losses is not None:
+                    per_token = losses(batch)
+                else:
+                    if device is not None:
+                        batch = device.batch_to_device(batch)
+                    context = precision_context() if precision_context else contextlib.nullcontext()
+                    with context:
+                        outputs = model(batch)
+                    per_token = token_losses(model, outputs, batch)
+                per_token = per_token.detach().double().cpu()
                 per_token = per_token.reshape(per_token.shape[0], -1)
                 sums[g] += (per_token.sum(dim=1) * keep).sum()
                 counts[g] += keep.sum() * per_token.shape[1]
-    totals = torch.stack([sums, counts])
-    if device is not None:
-        totals = device.tensor_to_device(totals)
-    totals = all_reduce_sum(totals).cpu()
+    totals = all_reduce_sum(torch.stack([sums, counts]))
     return (totals[0] / totals[1]).numpy()
+
+
+class GroupEvaluator:
+    """A mixer's ``evaluate``: each group's mean token loss over a fixed sample of its ``val``
+    split (:class:`GroupSamples`), measured without disturbing training (collective).
+
+    Args:
+        dataset: the training :class:`~mixstream.dataset.DynamicStreamingDataset` (its
+            manifest, groups, cache folder and per-device batch size).
+        model: what is evaluated: in eval mode and without grad for the measurement, its
+            mode and every RNG stream restored afterwards.
+        losses: ``losses(batch) -> per-token losses (batch, tokens)`` for a dict of CPU
+            tensors (``input_ids``, ...); it moves them to the model's device. Default:
+            ``model(batch)`` and ``model.per_token_loss(outputs, batch)`` (``MixtureLM``'s).
+        samples_per_group, batch_size: size of the measurement (batch size default: the
+            dataset's per-device one).
+        manifest: where the split lives (default: the dataset's manifest).
+        split: which split is measured.
+        device, precision_context: see :func:`evaluate_group_losses` (Composer's).
+
+    The sequences are read on the first call (collective under torch.distributed) and kept.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        model: torch.nn.Module,
+        losses: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None,
+        *,
+        samples_per_group: int | None = 64,
+        batch_size: int | None = None,
+        manifest: str | Manifest | None = None,
+        split: str = "val",
+        device: Any | None = None,
+        precision_context: Callable[[], Any] | None = None,
+    ) -> None:
+        if samples_per_group is not None and samples_per_group < 1:
+            raise ValueError(
+                f"val_samples_per_group must be >= 1 (or None: the whole split), got "
+                f"{samples_per_group}"
+            )
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"val_batch_size must be >= 1, got {batch_size}")
+        self.manifest = manifest if manifest is not None else dataset.manifest
+        if self.manifest is None:
+            raise ValueError(
+                "per-group validation data comes from a manifest's val split: build the "
+                "dataset from a manifest, or pass val_manifest= (manifest= here)"
+            )
+        self.groups = list(dataset.group_names)
+        self.local = dataset.cache_root
+        self.model = model
+        self.losses = losses
+        self.samples_per_group = samples_per_group
+        self.batch_size = batch_size or dataset.device_batch_size
+        self.split = split
+        self.device = device
+        self.precision_context = precision_context
+        self.samples: GroupSamples | None = None
+
+    def __call__(self) -> np.ndarray:
+        if self.samples is None:
+            self.samples = GroupSamples(
+                self.manifest, self.split, self.groups, self.samples_per_group, local=self.local
+            )
+        return evaluate_group_losses(
+            self.model,
+            self.samples,
+            self.batch_size,
+            device=self.device,
+            precision_context=self.precision_context,
+            losses=self.losses,
+        )
