@@ -2,7 +2,8 @@
 
 The end-to-end test runs an unmodified ``llmfoundry train`` on a Foundry YAML (a tiny MPT on
 CPU) that names ``train_loader: {name: mixstream}`` and ``algorithms: {aioli: ...}``: the
-registries find both through mixstream's entry points. The per-token losses that split the
+registries find both through mixstream's entry points; half a run plus Foundry's autoresume
+gives the uninterrupted run's mixture exactly. The per-token losses that split the
 loss by group are checked against the models' own losses, for Foundry's MPT and for a plain
 Composer ``HuggingFaceModel``. Tests that need llm-foundry skip without it; ``make test``
 installs it (the Makefile's ``foundry`` step).
@@ -138,7 +139,7 @@ def test_token_losses_of_foundry_mpt(mixture: str) -> None:
     )
 
 
-def foundry_yaml(mixture: str, run_dir: Path) -> dict[str, Any]:
+def foundry_yaml(mixture: str, run_dir: Path, **overrides: Any) -> dict[str, Any]:
     return {
         "run_name": "foundry-aioli",
         "seed": 3,
@@ -154,7 +155,8 @@ def foundry_yaml(mixture: str, run_dir: Path) -> dict[str, Any]:
         "tokenizer": {},  # the shards are token ids already
         "model": {"name": "mpt_causal_lm", "init_device": "cpu", **tiny_mpt()},
         "optimizer": {"name": "decoupled_adamw", "lr": 3.0e-3, "betas": [0.9, 0.95]},
-        "scheduler": {"name": "cosine_with_warmup", "t_warmup": "2ba", "alpha_f": 0.1},
+        # constant: a shorter run's learning rates are the first of a longer one's
+        "scheduler": {"name": "constant_with_warmup", "t_warmup": "2ba"},
         "train_loader": {"name": "mixstream", "manifest": mixture, "num_workers": 1},
         "algorithms": {
             "aioli": {
@@ -167,20 +169,32 @@ def foundry_yaml(mixture: str, run_dir: Path) -> dict[str, Any]:
                 "log_interval": 4,
             }
         },
+        **overrides,
     }
 
 
-def test_foundry_train_yaml_end_to_end(mixture: str, tmp_path: Path) -> None:
-    needs_foundry()
-    run_dir = tmp_path / "aioli"
-    path = tmp_path / "foundry.yaml"
-    path.write_text(yaml.safe_dump(foundry_yaml(mixture, run_dir)))
+def foundry_train(folder: Path, name: str, config: dict[str, Any]) -> str:
+    """``llmfoundry train`` (Foundry's own command, unmodified) on ``config``; its output."""
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
     command = [str(Path(sys.executable).parent / "llmfoundry"), "train", str(path)]
-    proc = subprocess.run(
-        command, cwd=tmp_path, capture_output=True, text=True, timeout=900, check=False
-    )
+    proc = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=900)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-5000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def foundry_run(mixture: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One uninterrupted Foundry run with Aioli: its run folder and output."""
+    needs_foundry()
+    tmp = tmp_path_factory.mktemp("foundry")
+    output = foundry_train(tmp, "aioli", foundry_yaml(mixture, tmp / "aioli"))
+    return tmp / "aioli", output
+
+
+def test_foundry_train_yaml_end_to_end(foundry_run: tuple[Path, str]) -> None:
+    run_dir, output = foundry_run
     assert f"[batch={STEPS}/{STEPS}]" in output and "mixture/val_loss/gamma" in output
 
     weights = json.loads((run_dir / "weights.json").read_text())
@@ -199,3 +213,23 @@ def test_foundry_train_yaml_end_to_end(mixture: str, tmp_path: Path) -> None:
     for row in rows:
         if row["kind"] == "val_loss":
             assert all(math.isfinite(v) and 0 < v < 10 for v in row["losses"].values())
+
+
+def test_foundry_autoresume_is_exact(
+    foundry_run: tuple[Path, str], mixture: str, tmp_path: Path
+) -> None:
+    """Half the run, then Foundry's autoresume to the end: the uninterrupted run's mixture.
+
+    The checkpoint carries the dataset's position and schedule and Aioli's state (round,
+    estimates, pending sweeps); anything lost would change the weights it learns.
+    """
+    run_dir = tmp_path / "aioli"
+    saving = {"save_folder": str(tmp_path / "checkpoints"), "save_interval": "6ba"}
+    half = foundry_yaml(mixture, run_dir, max_duration="6ba", autoresume=True, **saving)
+    foundry_train(tmp_path, "half", half)
+    output = foundry_train(tmp_path, "rest", dict(half, max_duration=f"{STEPS}ba"))
+    assert "Autoresuming training from checkpoint" in output
+    resumed = json.loads((run_dir / "weights.json").read_text())
+    full = json.loads((foundry_run[0] / "weights.json").read_text())
+    assert resumed["steps"] == STEPS
+    assert resumed["schedule"] == full["schedule"] and resumed["final"] == full["final"]
