@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from mixstream.algorithms.dga import alignment, cosine_alignment
-from mixstream.mixing.signals import GroupSamples, forked_rng, token_losses, unwrap_model
+from mixstream.mixing.signals import (
+    GroupSamples,
+    causal_lm_batch,
+    forked_rng,
+    token_losses,
+    unwrap_model,
+)
 
 __all__ = [
     "TARGET",
@@ -80,6 +86,7 @@ def _flat_grad(
     precision_context: Callable[[], Any] | None,
 ) -> torch.Tensor:
     """Gradient of ``batch``'s mean token loss w.r.t. ``params``, flattened, in float32."""
+    batch = causal_lm_batch(batch)
     if device is not None:
         batch = device.batch_to_device(batch)
     with precision_context() if precision_context else contextlib.nullcontext():

@@ -1,7 +1,10 @@
 """Per-group loss signals for the mixers, taken without disturbing training.
 
 * Training loss per group comes from the training forward pass itself: the model's
-  per-token losses (``token_losses``) summed by the batch's ``group`` ids.
+  per-token losses (``token_losses``) summed by the batch's ``group`` ids. A model says how
+  through ``per_token_loss(outputs, batch)`` (:class:`~mixstream.composer.model.MixtureLM`);
+  a Composer ``HuggingFaceModel`` without one (LLM Foundry's MPT and HF causal LMs) is
+  read from its logits and the batch's ``labels`` (:func:`causal_lm_batch`).
 * Validation (or test) loss per group comes from :class:`GroupSamples`, a fixed set of each
   group's held-out sequences read by index. Evaluating leaves the model's mode, the RNG
   streams and the training dataloader exactly as they were.
@@ -30,6 +33,7 @@ __all__ = [
     "GroupEvaluator",
     "GroupSamples",
     "all_reduce_sum",
+    "causal_lm_batch",
     "evaluate_group_losses",
     "forked_rng",
     "group_loss_sums",
@@ -46,16 +50,71 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
+#: label of a token without a loss in Hugging Face (and LLM Foundry) batches
+IGNORE_INDEX = -100
+
+
+def causal_lm_batch(batch: dict[str, Any]) -> dict[str, Any]:
+    """``batch`` as a causal LM of ``transformers``/LLM Foundry takes it.
+
+    Token ids become int64 (they are stored as uint16; embeddings index with int64) and
+    ``labels`` defaults to the ids (packed sequences: every token is a target, the model
+    shifts). Models with their own ``per_token_loss`` ignore the extra key. Used by the LLM
+    Foundry loader's collate and for the held-out batches a method evaluates itself, so
+    both reach the model in one format.
+    """
+    if "input_ids" not in batch:
+        return batch
+    out = dict(batch)
+    out["input_ids"] = torch.as_tensor(batch["input_ids"]).long()
+    out["labels"] = torch.as_tensor(batch.get("labels", out["input_ids"])).long()
+    return out
+
+
+def _causal_lm_token_losses(model: Any, outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
+    """Per-token cross-entropy of a Composer ``HuggingFaceModel``'s logits, in float32.
+
+    The targets are the batch's ``labels``, shifted as the model shifts them
+    (``shift_labels``): ``(batch, seq_len - 1)`` for a causal LM, as ``MixtureLM`` gives.
+    """
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"{type(model).__name__} returned {type(outputs).__name__} without logits; "
+            "per-group losses need the model's logits"
+        )
+    if "labels" not in batch:
+        raise KeyError("the batch has no 'labels'; build it with causal_lm_batch()")
+    targets = batch["labels"].long()
+    if getattr(model, "shift_labels", False):
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    if bool((targets == IGNORE_INDEX).any()):
+        raise ValueError(
+            "the batch's labels mask tokens (-100); per-group losses average every token of "
+            "a sequence, so train on packed sequences whose labels are the token ids "
+            "(mixstream's loader does)"
+        )
+    flat = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none"
+    )
+    return flat.view(targets.shape)
+
+
 def token_losses(model: torch.nn.Module, outputs: Any, batch: dict[str, Any]) -> torch.Tensor:
     """Per-token losses ``(batch, tokens)`` of ``outputs`` for ``batch``, from the model."""
+    from composer.models import HuggingFaceModel
+
     inner = unwrap_model(model)
     per_token = getattr(inner, "per_token_loss", None)
-    if per_token is None:
-        raise TypeError(
-            f"{type(inner).__name__} has no per_token_loss(outputs, batch); mixing algorithms "
-            "need per-token losses to split the loss by group (see mixstream.composer.model)"
-        )
-    return per_token(outputs, batch)
+    if per_token is not None:
+        return per_token(outputs, batch)
+    if isinstance(inner, HuggingFaceModel):
+        return _causal_lm_token_losses(inner, outputs, batch)
+    raise TypeError(
+        f"{type(inner).__name__} has no per_token_loss(outputs, batch) and is not a Composer "
+        "HuggingFaceModel; mixing algorithms need per-token losses to split the loss by group "
+        "(see mixstream.composer.model)"
+    )
 
 
 def group_loss_sums(
@@ -245,6 +304,7 @@ def evaluate_group_losses(
                 if losses is not None:
                     per_token = losses(batch)
                 else:
+                    batch = causal_lm_batch(batch)
                     if device is not None:
                         batch = device.batch_to_device(batch)
                     context = precision_context() if precision_context else contextlib.nullcontext()

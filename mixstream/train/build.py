@@ -9,7 +9,7 @@ should fail before anything is downloaded or allocated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,7 @@ from mixstream.train.recipe import (
     _import,
     algorithm_class,
 )
+from mixstream.weights import Weights
 
 __all__ = [
     "Training",
@@ -42,6 +43,8 @@ __all__ = [
     "build_training",
     "init_distributed",
     "resolve_device",
+    "stream_dataset",
+    "stream_loader",
 ]
 
 
@@ -82,31 +85,60 @@ def build_model(recipe: Recipe) -> MixtureLM:
 
 def build_dataset(recipe: Recipe) -> DynamicStreamingDataset:
     """The ``train`` split of the recipe's groups, lockstep with the trainer."""
-    data = recipe.data
+    return stream_dataset(
+        recipe.data, recipe.manifest, recipe.device_batch_size, int(recipe.config["seed"])
+    )
+
+
+def stream_dataset(
+    data: Mapping[str, Any],
+    manifest: Any,
+    device_batch_size: int,
+    seed: int,
+    weights: Weights | None = None,
+    lockstep: bool = True,
+) -> DynamicStreamingDataset:
+    """The ``train`` split of a checked data section (:func:`~mixstream.train.recipe.check_data`).
+
+    A recipe's ``data`` and an LLM Foundry ``train_loader`` (:mod:`mixstream.foundry`) both
+    come through here, so the two build one dataset from the same keys.
+    """
     return DynamicStreamingDataset(
-        manifest=recipe.manifest,
+        manifest=manifest,
         split="train",
-        groups=recipe.groups,
-        batch_size=recipe.device_batch_size,
-        seed=int(recipe.config["seed"]),
+        groups=data["groups"],
+        weights=weights,
+        batch_size=device_batch_size,
+        seed=seed,
         shuffle_block_size=int(data["shuffle_block_size"]),
         local=data["local"],
         cache_limit=data["cache_limit"],
         num_workers=int(data["num_workers"]),
         prefetch_factor=int(data["prefetch_factor"]),
-        lockstep=True,
+        lockstep=lockstep,
         weight_unit=data["weight_unit"],
     )
 
 
 def build_loader(dataset: DynamicStreamingDataset, recipe: Recipe, device: str) -> DataLoader:
-    workers = int(recipe.data["num_workers"])
+    return stream_loader(dataset, recipe.data, pin_memory=device == "gpu")
+
+
+def stream_loader(
+    dataset: DynamicStreamingDataset,
+    data: Mapping[str, Any],
+    pin_memory: bool,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+) -> DataLoader:
+    """The DataLoader over ``dataset`` with the workers its data section asks for."""
+    workers = int(data["num_workers"])
     return DataLoader(
         dataset,
         batch_size=dataset.device_batch_size,
         num_workers=workers,
-        prefetch_factor=int(recipe.data["prefetch_factor"]) if workers else None,
-        pin_memory=device == "gpu",
+        prefetch_factor=int(data["prefetch_factor"]) if workers else None,
+        pin_memory=pin_memory,
+        collate_fn=collate_fn,
     )
 
 

@@ -33,9 +33,12 @@ __all__ = [
     "DEFAULTS",
     "OPTIMIZERS",
     "SCHEDULERS",
+    "STREAM_KEYS",
+    "DataSource",
     "Recipe",
     "RecipeError",
     "apply_overrides",
+    "check_data",
     "load_recipe",
     "parse_duration",
     "resolve_recipe",
@@ -532,14 +535,80 @@ def resolve_recipe(
     return _validate(config, world, where)
 
 
-def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
+#: the ``data`` keys that say what to stream and how: a recipe's, and those of the LLM Foundry
+#: loader (``train_loader: {name: mixstream}``, :mod:`mixstream.foundry`), checked alike
+STREAM_KEYS = (
+    "manifest", "groups", "num_workers", "prefetch_factor", "shuffle_block_size", "local",
+    "cache_limit",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """What :func:`check_data` resolved: the manifest, the groups and the token format."""
+
+    manifest: Any  # mixstream.manifest.Manifest
+    groups: list[str]
+    seq_len: int
+    vocab: int
+
+
+def check_data(data: dict[str, Any], where: str = "data") -> DataSource:
+    """Check the :data:`STREAM_KEYS` of ``data`` (messages name ``where.key``).
+
+    Loads the manifest, resolves ``groups`` (all of the manifest's when null; written back
+    into ``data``, so a resolved config names them and a later group is not added), and
+    checks that every group has its three splits and that the corpus is tokenized.
+    """
     from mixstream.manifest import Manifest, ManifestError
 
+    for key in ("prefetch_factor", "shuffle_block_size"):
+        _check_int(data[key], f"{where}.{key}")
+    _check_int(data["num_workers"], f"{where}.num_workers", minimum=0)
+    url = data["manifest"]
+    if not isinstance(url, str) or not url:
+        raise RecipeError(f"{where}.manifest must be a path or s3:// URL, got {url!r}")
+    try:
+        manifest = Manifest.load(url)
+    except ManifestError as exc:
+        raise RecipeError(f"{where}.manifest: {exc}") from None
+    groups = data["groups"]
+    if groups is None:
+        groups = manifest.group_names
+    if isinstance(groups, str) or not isinstance(groups, list) or not groups:
+        raise RecipeError(f"{where}.groups must be a list of group names or null, got {groups!r}")
+    unknown = [g for g in groups if g not in manifest.group_names]
+    if unknown:
+        raise RecipeError(
+            f"{where}.groups: {', '.join(map(str, unknown))} not in {manifest.location}; "
+            f"its groups: {', '.join(manifest.group_names)}"
+        )
+    if len(set(groups)) != len(groups):
+        raise RecipeError(f"{where}.groups lists a group twice: {groups}")
+    data["groups"] = list(groups)  # the resolved recipe names them: a later group is not added
+    for g in groups:
+        for split in ("train", "val", "test"):
+            try:
+                manifest.split(g, split)
+            except ManifestError as exc:
+                raise RecipeError(f"{where}.manifest: {exc}") from None
+    sample = manifest.sample
+    if sample.get("format") != "tokens" or sample.get("column") != "input_ids":
+        raise RecipeError(
+            f"{where}.manifest: {manifest.location} stores {sample.get('format')!r} samples; "
+            "training needs a tokenized corpus (shard-tools convert --tokenizer ... --seq-len ...)"
+        )
+    seq_len = int(sample["seq_len"])
+    vocab = (manifest.tokenizer or {}).get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise RecipeError(f"{where}.manifest: {manifest.location} records no tokenizer vocab_size")
+    return DataSource(manifest, list(groups), seq_len, vocab)
+
+
+def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
     _check_int(config["seed"], "seed", minimum=0)
     data = config["data"]
-    for key in ("global_batch_size", "prefetch_factor", "shuffle_block_size"):
-        _check_int(data[key], f"data.{key}")
-    _check_int(data["num_workers"], "data.num_workers", minimum=0)
+    _check_int(data["global_batch_size"], "data.global_batch_size")
     _check_int(data["val_samples_per_group"], "data.val_samples_per_group")
     _check_int(data["test_samples_per_group"], "data.test_samples_per_group", optional=True)
     if data["global_batch_size"] % world:
@@ -569,44 +638,8 @@ def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
             if key not in ("fsdp", "tp"):
                 raise _unknown(f"parallelism.{key}", ["fsdp", "tp"], "parallelism")
 
-    # the data: manifest, groups, sequence length and vocabulary
-    url = data["manifest"]
-    if not isinstance(url, str) or not url:
-        raise RecipeError(f"data.manifest must be a path or s3:// URL, got {url!r}")
-    try:
-        manifest = Manifest.load(url)
-    except ManifestError as exc:
-        raise RecipeError(f"data.manifest: {exc}") from None
-    groups = data["groups"]
-    if groups is None:
-        groups = manifest.group_names
-    if isinstance(groups, str) or not isinstance(groups, list) or not groups:
-        raise RecipeError(f"data.groups must be a list of group names or null, got {groups!r}")
-    unknown = [g for g in groups if g not in manifest.group_names]
-    if unknown:
-        raise RecipeError(
-            f"data.groups: {', '.join(map(str, unknown))} not in {manifest.location}; "
-            f"its groups: {', '.join(manifest.group_names)}"
-        )
-    if len(set(groups)) != len(groups):
-        raise RecipeError(f"data.groups lists a group twice: {groups}")
-    data["groups"] = list(groups)  # the resolved recipe names them: a later group is not added
-    for g in groups:
-        for split in ("train", "val", "test"):
-            try:
-                manifest.split(g, split)
-            except ManifestError as exc:
-                raise RecipeError(f"data.manifest: {exc}") from None
-    sample = manifest.sample
-    if sample.get("format") != "tokens" or sample.get("column") != "input_ids":
-        raise RecipeError(
-            f"data.manifest: {manifest.location} stores {sample.get('format')!r} samples; "
-            "training needs a tokenized corpus (shard-tools convert --tokenizer ... --seq-len ...)"
-        )
-    seq_len = int(sample["seq_len"])
-    vocab = (manifest.tokenizer or {}).get("vocab_size")
-    if not isinstance(vocab, int) or vocab < 1:
-        raise RecipeError(f"data.manifest: {manifest.location} records no tokenizer vocab_size")
+    source = check_data(data)
+    manifest, groups, seq_len, vocab = source.manifest, source.groups, source.seq_len, source.vocab
 
     # durations
     gbs = int(data["global_batch_size"])
