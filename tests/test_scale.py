@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -363,6 +364,30 @@ def test_aioli_refuses_runs_it_cannot_serve_and_warns_about_many_groups() -> Non
     assert AioliConfig.defaults_for(3).check_scale(total_steps=5000) is None
     with pytest.raises(ValueError, match="its cost grows with the 100 groups; for many groups"):
         AioliConfig(100, eta=0.1, update_steps=500, lp_rounds=2, lp_steps=4, one_hot_factor=0.5)
+
+
+def test_methods_that_pay_per_group_in_steps_or_passes_warn_about_many_groups(
+    tmp_path: Path,
+) -> None:
+    """Skill-It's graph sweeps (and DGA's and DoGE's per-group probes, same helper) warn
+    past MANY_GROUPS groups, pointing to the methods that scale; a given graph does not."""
+    from mixstream.algorithms.scale import MANY_GROUPS, many_groups_warning
+    from mixstream.mixing.skillit import SkillItMixer
+
+    assert many_groups_warning("DGA", MANY_GROUPS, "x") is None
+    message = many_groups_warning("DGA", MANY_GROUPS + 1, "one probe per group")
+    assert message is not None and message.startswith("DGA's cost grows with the number")
+    assert "one probe per group" in message and SCALABLE in message and "ODM" in message
+    m = MANY_GROUPS + 1
+    dataset = _dataset(_groups(tmp_path, m))
+    evaluate = lambda: np.full(m, 3.0)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"Skill-It's cost grows .* = 650 batches of one-hot"):
+        SkillItMixer(dataset, evaluate=evaluate, update_steps=1000, run_dir=tmp_path).start()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        given = SkillItMixer(_dataset(_groups(tmp_path, m)), evaluate=evaluate,
+                             graph=np.eye(m), run_dir=tmp_path / "given")  # fmt: skip
+        given.start()
 
 
 def test_aioli_reads_the_run_length_from_composer() -> None:

@@ -52,6 +52,7 @@ from .lmo import (
     normalize_mixing_matrix,
     solve_mixing_matrix,
 )
+from .scale import SCALABLE, many_groups_warning
 
 __all__ = [
     "AioliConfig",
@@ -86,16 +87,6 @@ _PAPER_DEFAULTS: dict[int, dict[str, Any]] = {
 
 
 MAX_SWEEP_SHARE = 0.5  # warn above this share of a run's steps spent in LearnParams sweeps
-MANY_GROUPS = 64  # warn above this many groups whatever the run length
-SCALABLE = (
-    "for many groups use a method whose per-group signal comes from the training forward "
-    "pass, which costs O(groups) numbers per step and no extra steps or passes: ODM "
-    "(mixstream.composer.ODM, a bandit rewarded by each group's training loss) or ADO "
-    "(mixstream.composer.ADO, per-group power-law fits of the training loss), DoReMi "
-    "(excess training loss against a reference model), or a fixed mixture (StaticMixture, "
-    "Stratified, or one found by `mixstream search`); or merge the groups into a few (the "
-    "Aioli paper mixes 2 to 7)"
-)
 
 
 # ------------------------------------------------------------------------------- pure pieces
@@ -320,9 +311,7 @@ class AioliConfig:
                     f"Aioli would spend {share:.0%} of this run's {total:,} steps in "
                     f"LearnParams sweeps ({cost}); {SCALABLE}"
                 )
-        if m > MANY_GROUPS:
-            return f"Aioli's cost grows with the number of groups: {cost}; {SCALABLE}"
-        return None
+        return many_groups_warning("Aioli", m, cost)
 
     @property
     def W(self) -> np.ndarray:

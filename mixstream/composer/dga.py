@@ -28,6 +28,7 @@ from composer.core import State
 from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 
+from mixstream.algorithms import scale
 from mixstream.algorithms.dga import dga_update
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.composer.mixing import MixingAlgorithm
@@ -112,6 +113,12 @@ class DGA(MixingAlgorithm):
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
         require_whole_model(state, "DGA")
         dataset = self.mixing_dataset
+        scale.warn(scale.many_groups_warning(
+            "DGA", len(dataset.group_names),
+            f"every update_steps={self.update_steps} batches it takes one gradient probe "
+            f"(forward and backward of probe_batch_size={self.probe_batch_size} sequences) "
+            f"per group, {len(dataset.group_names):,} in all",
+        ))  # fmt: skip
         train_manifest = dataset.manifest
         if train_manifest is None:
             raise ValueError(

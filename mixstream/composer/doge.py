@@ -35,6 +35,7 @@ from composer.core.precision import get_precision_context
 from composer.loggers import Logger
 from composer.utils import dist
 
+from mixstream.algorithms import scale
 from mixstream.algorithms.doge import DoGEState, doge_scores
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.composer.doremi import OBJECTIVES, weighted_token_loss
@@ -140,6 +141,12 @@ class DoGE(MixingAlgorithm):
     def setup(self, state: State, logger: Logger, fresh: bool) -> None:
         require_whole_model(state, "DoGE")
         dataset = self.mixing_dataset
+        scale.warn(scale.many_groups_warning(
+            "DoGE", len(dataset.group_names),
+            f"every update_steps={self.update_steps} batches it takes one gradient probe "
+            f"(forward and backward of probe_batch_size={self.probe_batch_size} sequences) "
+            f"per group, {len(dataset.group_names):,} in all",
+        ))  # fmt: skip
         manifest = dataset.manifest
         if manifest is None:
             raise ValueError(

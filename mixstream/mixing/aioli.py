@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from mixstream.algorithms import scale
 from mixstream.algorithms.aioli import AioliConfig, AioliState
 from mixstream.dataset import DynamicStreamingDataset
 from mixstream.mixing.base import Mixer
@@ -124,10 +124,7 @@ class AioliMixer(Mixer):
                 "could not be scheduled in time; raise update_steps or lower num_workers/"
                 "prefetch_factor"
             )
-        warning = config.check_scale(self.total_steps)
-        if warning:
-            warnings.warn(warning, stacklevel=2)
-            log.warning("%s", warning)
+        scale.warn(config.check_scale(self.total_steps))
         self.config = config
         if self._loaded is not None:
             self.state = AioliState.from_state_dict(self._loaded)

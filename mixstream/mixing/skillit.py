@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from mixstream import storage
+from mixstream.algorithms import scale
 from mixstream.algorithms.aioli import LearnParamsPlan, sweep_mixtures
 from mixstream.algorithms.lmo import check_fraction, check_positive
 from mixstream.algorithms.skillit import SkillItState, check_graph, learn_graph
@@ -189,6 +190,12 @@ class SkillItMixer(Mixer):
                 f"{self.graph_duration} batches, not less than the run's {total}; lower "
                 "graph_steps/graph_rounds or pass graph="
             )
+        if self.given_graph is None:
+            scale.warn(scale.many_groups_warning(
+                "Skill-It", self.num_groups,
+                f"learning its skills graph trains graph_rounds * groups * graph_steps = "
+                f"{self.graph_duration:,} batches of one-hot sweeps (pass graph= to skip them)",
+            ))  # fmt: skip
         if self._loaded is not None and not fresh:
             self.state = SkillItState.from_state_dict(self._loaded)
         else:

@@ -539,7 +539,7 @@ def resolve_recipe(
 #: loader (``train_loader: {name: mixstream}``, :mod:`mixstream.foundry`), checked alike
 STREAM_KEYS = (
     "manifest", "groups", "num_workers", "prefetch_factor", "shuffle_block_size", "local",
-    "cache_limit",
+    "cache_limit", "weight_unit",
 )  # fmt: skip
 
 
@@ -565,6 +565,7 @@ def check_data(data: dict[str, Any], where: str = "data") -> DataSource:
     for key in ("prefetch_factor", "shuffle_block_size"):
         _check_int(data[key], f"{where}.{key}")
     _check_int(data["num_workers"], f"{where}.num_workers", minimum=0)
+    _check_choice(data["weight_unit"], f"{where}.weight_unit", ("samples", "tokens"))
     url = data["manifest"]
     if not isinstance(url, str) or not url:
         raise RecipeError(f"{where}.manifest must be a path or s3:// URL, got {url!r}")
@@ -617,7 +618,6 @@ def _validate(config: dict[str, Any], world: int, where: str | None) -> Recipe:
             f"size {world} (the per-device batch is global / world size); use a multiple of "
             f"{world}"
         )
-    _check_choice(data["weight_unit"], "data.weight_unit", ("samples", "tokens"))
     _check_choice(config["precision"], "precision", PRECISIONS)
     _check_choice(config["device"], "device", DEVICES)
     mb = config["device_train_microbatch_size"]
