@@ -2,7 +2,8 @@
 
 ``verify`` checks what a reader will rely on: each shard's stored hash, its decompressed
 size and hash, the sample count and offsets in the MDS header against ``index.json``, and
-the index against ``mixture.json``. Shards are fetched and checked in a thread pool (zstd
+the index against ``mixture.json`` (its digest, where the manifest records one, and its
+counts). Shards are fetched and checked in a thread pool (zstd
 and xxhash release the GIL).
 """
 
@@ -18,7 +19,7 @@ import xxhash
 
 from mixstream import storage
 from mixstream.manifest import Manifest
-from mixstream.shardindex import ShardIndexError, check_index
+from mixstream.shardindex import ShardIndexError, check_digest, check_index
 
 __all__ = ["StreamSummary", "VerifyReport", "format_table", "inspect_mixture", "verify_mixture"]
 
@@ -40,10 +41,15 @@ class StreamSummary:
 
 
 def _load_index(manifest: Manifest, group: str, split: str) -> list[dict[str, Any]]:
-    """The shard entries of a stream's index, refused if they name files outside the stream."""
+    """The shard entries of a stream's index, refused if it is not the index the manifest
+    records (where it records one) or if it names files outside the stream."""
     stream = manifest.stream_url(group, split)
     url = storage.join(stream, "index.json")
-    return check_index(json.loads(storage.read_bytes(url)), url, stream)
+    data = storage.read_bytes(url)
+    expected = manifest.split(group, split).index_digest
+    if expected is not None:
+        check_digest(data, expected, url, manifest.location)
+    return check_index(json.loads(data), url, stream)
 
 
 def inspect_mixture(root: str) -> tuple[Manifest, list[StreamSummary]]:

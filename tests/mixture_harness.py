@@ -31,7 +31,7 @@ def write_corpus(folder: Path, docs_per_group: int = 300, seed: int = 0) -> list
     return paths
 
 
-def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
+def convert_corpus(corpus: Path, out: str, seq_len: int = 32, overwrite: bool = False) -> None:
     from shard_tools import ConvertOptions, InputSpec, convert
 
     convert(
@@ -45,6 +45,7 @@ def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
             test_fraction=0.05,
             chunk_bytes=40_000,
             progress=False,
+            overwrite=overwrite,
         ),
     )
 
