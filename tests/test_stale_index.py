@@ -7,6 +7,7 @@ and a stale copy is replaced (with the cached shards it describes differently) b
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -48,11 +49,26 @@ def _epoch(manifest: str, cache: Path, **options: Any) -> list[tuple[int, int]]:
         ds.close()
 
 
-def _convert(tmp_path: Path, version: int, url: str, overwrite: bool = False) -> None:
-    """Convert corpus ``version`` (its own documents) to ``url``."""
-    corpus = tmp_path / f"corpus-v{version}"
-    write_corpus(corpus, docs_per_group=150, seed=version)
-    convert_corpus(corpus, url, overwrite=overwrite)
+@pytest.fixture(scope="module")
+def v2_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The input documents of a second version of the ``mixture`` corpus (other documents)."""
+    corpus = tmp_path_factory.mktemp("v2") / "corpus"
+    write_corpus(corpus, docs_per_group=150, seed=2)
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def v2(v2_corpus: Path) -> Path:
+    """``v2_corpus`` converted (on local disk, read-only for the tests)."""
+    out = v2_corpus.parent / "out"
+    convert_corpus(v2_corpus, str(out))
+    return out
+
+
+def _upload(corpus: str | Path, url: str) -> None:
+    """A converted corpus to ``url``, in place of what was there."""
+    storage.delete_prefix(url)
+    storage.upload_tree(Path(corpus), url)
 
 
 def _strip_digests(manifest: bytes) -> bytes:
@@ -65,13 +81,13 @@ def _strip_digests(manifest: bytes) -> bytes:
 
 
 def test_a_corpus_reconverted_on_s3_is_read_anew_through_a_warm_cache(
-    tmp_path: Path, s3_env: Any, s3_prefix: str
+    mixture: str, v2_corpus: Path, tmp_path: Path, s3_env: Any, s3_prefix: str
 ) -> None:
-    _convert(tmp_path, 1, s3_prefix)
+    _upload(mixture, s3_prefix)
     cache = tmp_path / "cache"
     v1 = _epoch(s3_prefix, cache)
     cached_v1 = (cache / STREAM / "index.json").read_bytes()
-    _convert(tmp_path, 2, s3_prefix, overwrite=True)
+    convert_corpus(v2_corpus, s3_prefix, overwrite=True)  # same stream and shard names
     v2 = _epoch(s3_prefix, tmp_path / "fresh")
     assert v2 != v1
     # Hashing off, cache checks off: only the refreshed index (and the cached v1 shards it
@@ -83,11 +99,11 @@ def test_a_corpus_reconverted_on_s3_is_read_anew_through_a_warm_cache(
 
 
 def test_a_warm_cache_with_the_current_index_asks_the_store_nothing(
-    tmp_path: Path, s3_env: Any, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
+    mixture: str, tmp_path: Path, s3_env: Any, s3_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Instant start: a cached index with the manifest's digest is used without a request,
     so the dataset is built even with the store unreachable (the manifest object given)."""
-    _convert(tmp_path, 1, s3_prefix)
+    _upload(mixture, s3_prefix)
     cache = tmp_path / "cache"
     manifest = Manifest.load(s3_prefix)
     # Read every split once: each stream's index is then cached.
@@ -105,25 +121,22 @@ def test_a_warm_cache_with_the_current_index_asks_the_store_nothing(
 
 
 def test_two_ranks_of_a_node_both_read_the_reconverted_corpus(
-    tmp_path: Path, s3_env: Any, s3_prefix: str
+    mixture: str, v2: Path, tmp_path: Path, s3_env: Any, s3_prefix: str
 ) -> None:
     """Rank 1 finds the stale index in the node's cache too: it waits for rank 0's refresh."""
-    _convert(tmp_path, 1, s3_prefix)
-    spec = LoopSpec(
-        manifest=s3_prefix, global_batch=8, steps=12, local=str(tmp_path / "cache"), env=s3_env.env
-    )
-    v1 = global_sequence(run_ranks(run_loop, 2, spec, env=spec.env))
-    _convert(tmp_path, 2, s3_prefix, overwrite=True)
-    v2 = global_sequence(run_ranks(run_loop, 2, spec, env=spec.env))
-    fresh = LoopSpec(manifest=s3_prefix, global_batch=8, steps=12, local=str(tmp_path / "fresh"))
-    reference = global_sequence([run_loop(0, fresh)])
-    assert v2 == reference != v1
+    _upload(mixture, s3_prefix)
+    spec = LoopSpec(manifest=s3_prefix, global_batch=8, steps=12, local=str(tmp_path / "cache"))
+    v1 = global_sequence([run_loop(0, spec)])  # warms the node's cache (one rank suffices)
+    _upload(v2, s3_prefix)
+    on_two_ranks = global_sequence(run_ranks(run_loop, 2, spec, env=s3_env.env))
+    fresh = dataclasses.replace(spec, manifest=str(v2), local=str(tmp_path / "fresh"))
+    assert on_two_ranks == global_sequence([run_loop(0, fresh)]) != v1
 
 
 def test_an_index_that_is_not_the_one_the_manifest_records_is_refused(
-    tmp_path: Path, s3_env: Any, s3_prefix: str, capsys: pytest.CaptureFixture[str]
+    mixture: str, tmp_path: Path, s3_env: Any, s3_prefix: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _convert(tmp_path, 1, s3_prefix)
+    _upload(mixture, s3_prefix)
     url = f"{s3_prefix}/{STREAM}/index.json"
     # A valid index of the same shards, but not the bytes the manifest names (a conversion
     # under way, or an index written after the manifest).
@@ -195,16 +208,15 @@ def test_malformed_digests_in_a_manifest_are_refused(
 
 
 def test_the_rank_waiting_for_its_leader_gives_up_with_a_clear_error(
-    tmp_path: Path, s3_env: Any, s3_prefix: str
+    mixture: str, tmp_path: Path
 ) -> None:
     """A non-leader never reads a stale cached index: it waits for the leader's, bounded."""
-    _convert(tmp_path, 1, s3_prefix)
-    manifest = Manifest.load(s3_prefix)
+    manifest = Manifest.load(mixture)
     local = tmp_path / "cache"
     os.makedirs(local)
     (local / "index.json").write_bytes(b'{"version": 2, "shards": []}')  # stale
     stream = ResilientStream(
-        remote=manifest.stream_url("beta", "train"),
+        remote="s3://mixstream/never-asked/beta/train",  # the follower waits, never fetches
         local=str(local),
         index_digest=manifest.split("beta", "train").index_digest,
         download_retry_seconds=0.3,
