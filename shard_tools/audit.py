@@ -40,15 +40,25 @@ class StreamSummary:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
-def _load_index(manifest: Manifest, group: str, split: str) -> list[dict[str, Any]]:
-    """The shard entries of a stream's index, refused if it is not the index the manifest
-    records (where it records one) or if it names files outside the stream."""
+def _load_index(
+    manifest: Manifest, group: str, split: str, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The shard entries of a stream's index, refused if it names files outside the stream.
+
+    An index that is not the one the manifest records (where it records one) is refused too,
+    or, given ``problems`` (``verify``, which reports everything it finds), noted there.
+    """
     stream = manifest.stream_url(group, split)
     url = storage.join(stream, "index.json")
     data = storage.read_bytes(url)
     expected = manifest.split(group, split).index_digest
     if expected is not None:
-        check_digest(data, expected, url, manifest.location)
+        try:
+            check_digest(data, expected, url, manifest.location)
+        except ShardIndexError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
     return check_index(json.loads(data), url, stream)
 
 
@@ -190,7 +200,7 @@ def verify_mixture(root: str, threads: int = 8) -> VerifyReport:
         for split, s in info.splits.items():
             url = manifest.stream_url(group, split)
             try:
-                shards = _load_index(manifest, group, split)
+                shards = _load_index(manifest, group, split, report.problems)
             except ShardIndexError as exc:
                 report.problems.append(str(exc))
                 continue

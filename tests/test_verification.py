@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import zstd
 from helpers import tree_bytes
-from mixture_harness import fingerprint
+from mixture_harness import fingerprint, write_index
 
 from mixstream import DynamicStreamingDataset, storage
 from mixstream.stream import ShardCorruptError
@@ -115,12 +115,11 @@ def test_shards_without_hashes_are_read_checked_by_size_with_a_warning(
     """Plain streaming writes no hashes unless asked: such a stream is still read (with a
     warning saying it is checked by size only), and a truncated shard is still refused."""
     corpus = _fresh_copy(mixture, tmp_path / "corpus")
-    index = corpus / "beta" / "train" / "index.json"
-    obj = json.loads(index.read_text())
+    obj = json.loads((corpus / "beta" / "train" / "index.json").read_text())
     for entry in obj["shards"]:
         for key in ("raw_data", "zip_data"):
             entry[key]["hashes"] = {}
-    index.write_text(json.dumps(obj))
+    index = write_index(corpus, "beta/train", obj)
     with caplog.at_level(logging.WARNING):
         expected = _epoch(_dataset(str(corpus), tmp_path / "cache"))
     assert f"{index}: {len(obj['shards'])} of {len(obj['shards'])} shards have no xxh64" in (
