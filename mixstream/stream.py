@@ -18,6 +18,10 @@ as it is downloaded and as it is decompressed; a mismatch is fetched once more (
 bit in transit or a torn cache) and then fails with a :class:`ShardCorruptError` naming the
 shard. :meth:`ResilientStream.check_cached` re-checks a decompressed shard already in the
 cache on its first use in a process, and fetches it again if it was damaged since.
+
+The cached ``index.json`` follows the stream when its corpus is re-converted in place: a
+local source's is compared with the source's on every build, a remote one's with the digest
+its manifest records (no request when they agree); see :meth:`ResilientStream.get_shards`.
 """
 
 from __future__ import annotations
