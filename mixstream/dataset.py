@@ -105,7 +105,10 @@ def _streams_from_manifest(
     # the cache, never into the corpus (which may be a read-only shared mount).
     streams: list[Stream] = [
         ResilientStream(
-            remote=manifest.stream_url(name, split), local=os.path.join(root, name, split)
+            remote=manifest.stream_url(name, split),
+            local=os.path.join(root, name, split),
+            index_digest=manifest.split(name, split).index_digest,
+            index_named_by=manifest.location,
         )
         for name in names
     ]
@@ -1306,6 +1309,8 @@ def _resilient(stream: Stream, retry_seconds: float) -> Stream:
         stream.__class__ = ResilientStream
         stream._verified = set()  # type: ignore[attr-defined]
         stream.download_retry_seconds = None  # type: ignore[attr-defined]
+        stream.index_digest = None  # type: ignore[attr-defined]
+        stream.index_named_by = "its manifest"  # type: ignore[attr-defined]
     if isinstance(stream, ResilientStream) and stream.download_retry_seconds is None:
         stream.download_retry_seconds = retry_seconds
     return stream

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mixstream import storage
-from mixstream.shardindex import check_path
+from mixstream.shardindex import IndexDigest, check_path
 
 __all__ = ["MANIFEST_NAME", "SPLITS", "GroupInfo", "Manifest", "ManifestError", "SplitInfo"]
 
@@ -23,6 +23,7 @@ SPLITS = ("train", "val", "test")
 FORMAT = "mixstream.mixture"
 VERSION = 1
 GROUP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+XXH64 = re.compile(r"^[0-9a-f]{16}$")
 
 
 class ManifestError(ValueError):
@@ -41,7 +42,12 @@ def check_group_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class SplitInfo:
-    """One MDS stream: a split of a group."""
+    """One MDS stream: a split of a group.
+
+    ``index_bytes``/``index_xxh64`` identify the stream's ``index.json`` (see
+    :class:`~mixstream.shardindex.IndexDigest`); manifests written before they existed have
+    neither, and their streams' cached indexes are then not checked against the store.
+    """
 
     path: str
     documents: int
@@ -54,14 +60,41 @@ class SplitInfo:
     # The stream's length sidecar (mixstream.tokens): {"basename", "bytes", "xxh64"}; text
     # streams only (packed ones are seq_len each), absent from manifests written before it.
     lengths: dict[str, Any] | None = None
+    index_bytes: int | None = None
+    index_xxh64: str | None = None
 
+    @property
+    def index_digest(self) -> IndexDigest | None:
+        if self.index_bytes is None or self.index_xxh64 is None:
+            return None
+        return IndexDigest(self.index_bytes, self.index_xxh64)
 
-def _split_json(info: SplitInfo) -> dict[str, Any]:
-    """A split as JSON; no ``lengths`` key for streams without a sidecar (as before it)."""
-    obj = asdict(info)
-    if obj["lengths"] is None:
-        del obj["lengths"]
-    return obj
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form; no digest fields when there is no digest and no ``lengths`` for
+        streams without a sidecar (as older manifests)."""
+        obj = asdict(self)
+        if self.index_digest is None:
+            del obj["index_bytes"], obj["index_xxh64"]
+        if obj["lengths"] is None:
+            del obj["lengths"]
+        return obj
+
+    def check(self, what: str, where: str) -> None:
+        """Refuse digest fields of the wrong type (the manifest is untrusted input)."""
+        size, digest = self.index_bytes, self.index_xxh64
+        if (size is None) != (digest is None):
+            raise ManifestError(
+                f"{where}: {what} has only one of index_bytes and index_xxh64; give both or "
+                "neither (re-convert the corpus to record them)"
+            )
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 0):
+            raise ManifestError(
+                f"{where}: {what} index_bytes is {size!r}; expected a non-negative integer"
+            )
+        if digest is not None and not (isinstance(digest, str) and XXH64.match(digest)):
+            raise ManifestError(
+                f"{where}: {what} index_xxh64 is {digest!r}; expected 16 lowercase hex digits"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,7 +158,7 @@ class Manifest:
             "groups": {
                 name: {
                     "sources": g.sources,
-                    "splits": {s: _split_json(info) for s, info in g.splits.items()},
+                    "splits": {s: info.to_dict() for s, info in g.splits.items()},
                 }
                 for name, g in self.groups.items()
             },
@@ -157,6 +190,7 @@ class Manifest:
             }
             for name, g in groups.items():
                 for split, info in g.splits.items():
+                    info.check(f"{name}/{split}", where)
                     # Streams are read from (and cached under) root/path: keep them inside.
                     check_path(info.path, root, f"{name}/{split} stream path", where, ManifestError)
             return cls(

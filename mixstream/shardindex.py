@@ -13,10 +13,15 @@ import contextlib
 import json
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import xxhash
+
 __all__ = [
+    "IndexDigest",
     "ShardIndexError",
+    "check_digest",
     "check_index",
     "checked_get_shards",
     "index_location",
@@ -39,8 +44,42 @@ _MDS_CONFIG_KEYS = (
 
 
 class ShardIndexError(ValueError):
-    """An ``index.json`` is malformed, inconsistent with its shards, or names a file outside
-    its stream."""
+    """An ``index.json`` is malformed, inconsistent with its shards or its manifest, or names
+    a file outside its stream."""
+
+
+@dataclass(frozen=True)
+class IndexDigest:
+    """Size and xxh64 of an ``index.json``'s bytes, as ``shard-tools convert`` records them in
+    ``mixture.json``: a reader tells a cached index from the stream's current one without a
+    request to the store, and refuses an index its manifest does not name."""
+
+    size: int
+    xxh64: str
+
+    @classmethod
+    def of(cls, data: bytes) -> IndexDigest:
+        return cls(len(data), xxhash.xxh64_hexdigest(data))
+
+    def matches(self, data: bytes) -> bool:
+        return len(data) == self.size and xxhash.xxh64_hexdigest(data) == self.xxh64
+
+    def __str__(self) -> str:
+        return f"{self.size} bytes, xxh64 {self.xxh64}"
+
+
+def check_digest(data: bytes, expected: IndexDigest, where: str, named_by: str) -> None:
+    """Refuse index bytes ``data`` (read from ``where``) unless they are the index that
+    ``named_by`` (a manifest) records: checked before the index is parsed or used."""
+    if expected.matches(data):
+        return
+    raise ShardIndexError(
+        f"{where} ({IndexDigest.of(data)}) is not the index {named_by} records for it "
+        f"({expected}): the corpus is being re-converted, or the index was changed after the "
+        "manifest was written. Wait for a running `shard-tools convert` to finish and start "
+        "again (the manifest is then read anew), or re-convert the corpus; `shard-tools "
+        "verify` checks a corpus against its manifest"
+    )
 
 
 def unsafe_path_reason(path: Any) -> str | None:

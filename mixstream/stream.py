@@ -18,6 +18,10 @@ as it is downloaded and as it is decompressed; a mismatch is fetched once more (
 bit in transit or a torn cache) and then fails with a :class:`ShardCorruptError` naming the
 shard. :meth:`ResilientStream.check_cached` re-checks a decompressed shard already in the
 cache on its first use in a process, and fetches it again if it was damaged since.
+
+The cached ``index.json`` follows the stream when its corpus is re-converted in place: a
+local source's is compared with the source's on every build, a remote one's with the digest
+its manifest records (no request when they agree); see :meth:`ResilientStream.get_shards`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from streaming.base.compression import decompress
 from streaming.base.format.base.reader import FileInfo
 from streaming.base.hashing import get_hash
 
+from mixstream.shardindex import IndexDigest, check_digest, index_location, unsafe_path_reason
 from mixstream.storage import StorageError
 
 __all__ = [
@@ -54,6 +59,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _INDEX = "index.json"
+_INDEX_POLL_SECONDS = 0.05  # how often a rank waiting for its leader's index looks again
 
 DEFAULT_RETRY_SECONDS = 300.0  # object-store brown-outs last minutes, not seconds
 _BACKOFF_BASE = 0.25  # seconds; the first retry waits up to this, each next one up to twice
@@ -223,27 +229,49 @@ class ResilientStream(Stream):
     Args:
         download_retry_seconds: total time to keep retrying one file, from its first attempt;
             ``None`` takes the dataset's default (:data:`DEFAULT_RETRY_SECONDS`).
+        index_digest: the stream's ``index.json`` as its manifest records it; a cached index
+            that differs is replaced by the remote one, which must match (see
+            :meth:`get_shards`). ``None``: a cached index of a remote stream is used as is.
+        index_named_by: what recorded ``index_digest``, for messages (the manifest's URL).
         **kwargs: as for ``streaming.Stream`` (``download_retry`` is not used: the time
             budget replaces the attempt count).
     """
 
-    def __init__(self, *, download_retry_seconds: float | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        download_retry_seconds: float | None = None,
+        index_digest: IndexDigest | None = None,
+        index_named_by: str = "its manifest",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.download_retry_seconds = (
             None if download_retry_seconds is None else check_retry_seconds(download_retry_seconds)
         )
+        self.index_digest = index_digest
+        self.index_named_by = index_named_by
         self._verified: set[str] = set()
 
     # ------------------------------------------------------------------ index
     def get_shards(self, world: Any, allow_unsafe_types: bool) -> list[Any]:
-        """streaming's, with the cached index of a local source refreshed first.
+        """streaming's, with the cached index brought up to date first.
 
         streaming copies ``index.json`` into the cache only when it is not there yet; a
-        corpus re-converted in place would then be read through its old index.
+        corpus re-converted in place would then be read through its old index and shards.
+        A local source's index is read and compared each time (no request); a remote one
+        only where the manifest gives its digest: a cached index with that digest is used
+        without asking the store, any other is replaced (:meth:`_refresh_remote_index`).
         """
         if self.remote is not None and "://" not in self.remote:
             self._refresh_local_index()
+        elif self.remote is not None and self.index_digest is not None:
+            self._refresh_remote_index(world)
         return super().get_shards(world, allow_unsafe_types)
+
+    def _check_index_digest(self, data: bytes) -> None:
+        if self.index_digest is not None:
+            check_digest(data, self.index_digest, index_location(self), self.index_named_by)
 
     def _refresh_local_index(self) -> None:
         """Copy a local source's index over the cached one if they differ (atomically, so
@@ -256,21 +284,72 @@ class ResilientStream(Stream):
                 new = f.read()
         except OSError:
             return  # streaming's own copy reports the missing source
-        try:
-            with open(cached, "rb") as f:
-                old = f.read()
-        except FileNotFoundError:
-            old = None
+        self._check_index_digest(new)
+        old = _read(cached)
         if old == new:
             return
         if old is not None:
-            for name in _changed_files(old, new):
-                _remove(os.path.join(self.local, self.split, name))
+            self._drop_changed(old, new)
         os.makedirs(os.path.dirname(cached), exist_ok=True)
         tmp = f"{cached}.tmp-{os.getpid()}-{threading.get_ident()}"
         with open(tmp, "wb") as f:
             f.write(new)
         os.replace(tmp, cached)
+
+    def _refresh_remote_index(self, world: Any) -> None:
+        """Make the cached index the one ``index_digest`` names.
+
+        The node's local leader downloads the remote index under a name of its own, checks
+        it against the digest, drops cached shards it describes differently and renames it
+        into place; the other ranks wait until the cached file has the digest (a stale copy
+        must never be read). A cached index that already has it costs no request.
+        """
+        assert self.index_digest is not None
+        cached = os.path.join(self.local, self.split, _INDEX)
+        old = _read(cached)
+        if old is not None and self.index_digest.matches(old):
+            return
+        if not world.is_local_leader:
+            self._wait_for_index(cached)
+            return
+        tmp = self._download_file(_INDEX, f"{_INDEX}.refresh-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "rb") as f:
+                new = f.read()
+            self._check_index_digest(new)
+        except BaseException:
+            _remove(tmp)
+            raise
+        if old is not None:
+            log.info("%s changed since it was cached; refreshing the cache", index_location(self))
+            self._drop_changed(old, new)
+        os.replace(tmp, cached)
+
+    def _wait_for_index(self, cached: str) -> None:
+        """Wait (bounded by the leader's download budget) until ``cached`` has the digest."""
+        digest = self.index_digest
+        assert digest is not None
+        budget = self.download_retry_seconds
+        limit = (DEFAULT_RETRY_SECONDS if budget is None else budget) + float(
+            self.download_timeout or 60
+        )
+        deadline = time.monotonic() + limit
+        while True:
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.getsize(cached) == digest.size and digest.matches(_read(cached) or b""):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"waited {limit:g} s for this node's local rank 0 to cache "
+                    f"{index_location(self)} ({digest}) at {cached}; it failed or is still "
+                    "downloading: check local rank 0's traceback, or raise "
+                    "download_retry_seconds if the store is slow to answer"
+                )
+            time.sleep(_INDEX_POLL_SECONDS)
+
+    def _drop_changed(self, old: bytes, new: bytes) -> None:
+        for name in _changed_files(old, new):
+            _remove(os.path.join(self.local, self.split, name))
 
     # ------------------------------------------------------------------ download
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
@@ -542,7 +621,6 @@ def _permanent_reason(exc: BaseException) -> str:
 def _changed_files(old: bytes, new: bytes) -> list[str]:
     """Basenames the old index names that the new one does not describe identically (safe
     relative names only: the old index is the cache's own, but a name is still checked)."""
-    from mixstream.shardindex import unsafe_path_reason
 
     def files(data: bytes) -> dict[str, Any]:
         try:
@@ -568,6 +646,15 @@ def _from_botocore(exc: BaseException) -> bool:
     from botocore.exceptions import BotoCoreError, ClientError
 
     return any(isinstance(e, BotoCoreError | ClientError) for e in _chain(exc))
+
+
+def _read(path: str) -> bytes | None:
+    """The bytes of ``path``, or ``None`` if there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
 
 
 def _remove(path: str) -> None:

@@ -2,9 +2,10 @@
 
 ``verify`` checks what a reader will rely on: each shard's stored hash, its decompressed
 size and hash, the sample count and offsets in the MDS header against ``index.json``, and
-the index against ``mixture.json``, and a text stream's length sidecar (size, hash, one
-valid length per sample: :func:`mixstream.tokens.load_sidecar`). Shards are fetched and
-checked in a thread pool (zstd and xxhash release the GIL).
+the index against ``mixture.json`` (its digest, where the manifest records one, and its
+counts), and a text stream's length sidecar (size, hash, one valid length per sample:
+:func:`mixstream.tokens.load_sidecar`). Shards are fetched and checked in a thread pool
+(zstd and xxhash release the GIL).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import xxhash
 
 from mixstream import storage
 from mixstream.manifest import Manifest
-from mixstream.shardindex import ShardIndexError, check_index, check_path
+from mixstream.shardindex import ShardIndexError, check_digest, check_index, check_path
 from mixstream.tokens import load_sidecar
 
 __all__ = ["StreamSummary", "VerifyReport", "format_table", "inspect_mixture", "verify_mixture"]
@@ -41,11 +42,26 @@ class StreamSummary:
         return self.raw_bytes / self.stored_bytes if self.stored_bytes else 1.0
 
 
-def _load_index(manifest: Manifest, group: str, split: str) -> list[dict[str, Any]]:
-    """The shard entries of a stream's index, refused if they name files outside the stream."""
+def _load_index(
+    manifest: Manifest, group: str, split: str, problems: list[str] | None = None
+) -> list[dict[str, Any]]:
+    """The shard entries of a stream's index, refused if it names files outside the stream.
+
+    An index that is not the one the manifest records (where it records one) is refused too,
+    or, given ``problems`` (``verify``, which reports everything it finds), noted there.
+    """
     stream = manifest.stream_url(group, split)
     url = storage.join(stream, "index.json")
-    return check_index(json.loads(storage.read_bytes(url)), url, stream)
+    data = storage.read_bytes(url)
+    expected = manifest.split(group, split).index_digest
+    if expected is not None:
+        try:
+            check_digest(data, expected, url, manifest.location)
+        except ShardIndexError as exc:
+            if problems is None:
+                raise
+            problems.append(str(exc))
+    return check_index(json.loads(data), url, stream)
 
 
 def inspect_mixture(root: str) -> tuple[Manifest, list[StreamSummary]]:
@@ -200,7 +216,7 @@ def verify_mixture(root: str, threads: int = 8) -> VerifyReport:
         for split, s in info.splits.items():
             url = manifest.stream_url(group, split)
             try:
-                shards = _load_index(manifest, group, split)
+                shards = _load_index(manifest, group, split, report.problems)
             except ShardIndexError as exc:
                 report.problems.append(str(exc))
                 continue

@@ -52,6 +52,7 @@ except ImportError:  # Windows: staging is not locked, and never reclaimed
 
 from mixstream import storage
 from mixstream.manifest import MANIFEST_NAME, SPLITS, GroupInfo, Manifest, ManifestError, SplitInfo
+from mixstream.shardindex import IndexDigest
 from mixstream.sharedmem import exit_with_parent, process_alive, process_start_time
 from mixstream.tokens import LENGTHS_NAME, encode_sidecar, sidecar_entry
 from shard_tools.packing import SequencePacker, assign_split
@@ -348,8 +349,9 @@ def _merge_stream(
     final: str,
     layout: _Layout,
     options: ConvertOptions,
-) -> tuple[list[dict[str, Any]], int]:
-    """Renumber task shards (plan order) into one flat stream; returns (shards, dropped)."""
+) -> tuple[list[dict[str, Any]], int, IndexDigest]:
+    """Renumber task shards (plan order) into one flat stream; returns (shards, dropped, the
+    digest of its index, which the manifest records)."""
     os.makedirs(final, exist_ok=True)
     shards: list[dict[str, Any]] = []
 
@@ -386,9 +388,10 @@ def _merge_stream(
             writer.write(sample)
         writer.finish()
         take(extra_dir)
-    with open(os.path.join(final, "index.json"), "w") as f:
-        json.dump({"version": 2, "shards": shards}, f, sort_keys=True)
-    return shards, dropped
+    index = json.dumps({"version": 2, "shards": shards}, sort_keys=True).encode()
+    with open(os.path.join(final, "index.json"), "wb") as f:
+        f.write(index)
+    return shards, dropped, IndexDigest.of(index)
 
 
 def _progress(total: int, enabled: bool) -> Any:
@@ -606,7 +609,7 @@ def _assemble(
             key = (group, split)
             counts = totals.get(key, StreamCounts())
             rel = f"{group}/{split}"
-            shards, dropped = _merge_stream(
+            shards, dropped, digest = _merge_stream(
                 key, results, staging, os.path.join(staging, "out", rel), layout, options
             )
             dropped_total += dropped
@@ -631,6 +634,8 @@ def _assemble(
                 raw_bytes=sum(s["raw_data"]["bytes"] for s in shards),
                 shards=len(shards),
                 lengths=sidecar,
+                index_bytes=digest.size,
+                index_xxh64=digest.xxh64,
             )
         sources = [s.path for s in inputs if s.group in (group, None)]
         groups[group] = GroupInfo(group, splits, sources)

@@ -31,7 +31,7 @@ def write_corpus(folder: Path, docs_per_group: int = 300, seed: int = 0) -> list
     return paths
 
 
-def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
+def convert_corpus(corpus: Path, out: str, seq_len: int = 32, overwrite: bool = False) -> None:
     from shard_tools import ConvertOptions, InputSpec, convert
 
     convert(
@@ -45,8 +45,29 @@ def convert_corpus(corpus: Path, out: str, seq_len: int = 32) -> None:
             test_fraction=0.05,
             chunk_bytes=40_000,
             progress=False,
+            overwrite=overwrite,
         ),
     )
+
+
+def write_index(corpus: Path, stream: str, obj: dict[str, Any]) -> Path:
+    """Write ``obj`` as the ``index.json`` of ``corpus/stream`` and record its digest in the
+    corpus's ``mixture.json``, as a writer of both files would (the loader then reads the
+    index instead of refusing it as not the manifest's)."""
+    from mixstream.shardindex import IndexDigest
+
+    path = corpus / stream / "index.json"
+    data = json.dumps(obj).encode()
+    path.write_bytes(data)
+    manifest = corpus / "mixture.json"
+    if manifest.exists():
+        group, split = stream.split("/")
+        mix = json.loads(manifest.read_bytes())
+        digest = IndexDigest.of(data)
+        entry = mix["groups"][group]["splits"][split]
+        entry["index_bytes"], entry["index_xxh64"] = digest.size, digest.xxh64
+        manifest.write_text(json.dumps(mix))
+    return path
 
 
 def fingerprint(row: Any) -> int:

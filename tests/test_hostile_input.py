@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mixture_harness import write_index
 
 from mixstream import DynamicStreamingDataset, storage
 from mixstream.manifest import Manifest, ManifestError
@@ -31,11 +32,11 @@ def _copy(mixture: str, tmp_path: Path) -> Path:
 
 
 def _tamper_index(corpus: Path, tamper: Tamper, stream: str = "beta/train") -> Path:
-    path = corpus / stream / "index.json"
-    obj = json.loads(path.read_text())
+    """Tamper with an index as whoever can write the bucket could: the manifest's record of
+    the index is rewritten too, so what is refused is the index's content."""
+    obj = json.loads((corpus / stream / "index.json").read_text())
     tamper(obj["shards"])
-    path.write_text(json.dumps(obj))
-    return path
+    return write_index(corpus, stream, obj)
 
 
 def _set_basename(value: str, key: str = "zip_data") -> Tamper:
@@ -79,6 +80,7 @@ def test_shard_paths_outside_the_stream_are_refused_before_any_io_from_s3(
         shutil.rmtree(corpus / "beta")
         shutil.copytree(Path(mixture) / "beta", corpus / "beta")
         storage.upload_tree(corpus / "beta", f"{url}/beta")
+        storage.write_bytes(f"{url}/mixture.json", (Path(mixture) / "mixture.json").read_bytes())
         DynamicStreamingDataset(manifest=url, batch_size=4, local=str(cache)).close()
 
 
@@ -94,6 +96,7 @@ def test_shard_paths_outside_a_local_stream_are_refused(mixture: str, tmp_path: 
             assert reason in str(info.value)
     # A symlink that leaves the stream directory is refused too.
     shutil.copy(Path(mixture) / "beta" / "train" / "index.json", index)
+    shutil.copy(Path(mixture) / "mixture.json", corpus / "mixture.json")
     target = tmp_path / "elsewhere.mds.zstd"
     shard = json.loads(index.read_text())["shards"][0]["zip_data"]["basename"]
     shutil.move(index.parent / shard, target)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import zstd
 from helpers import tree_bytes
-from mixture_harness import fingerprint
+from mixture_harness import fingerprint, write_index
 
 from mixstream import DynamicStreamingDataset, storage
 from mixstream.stream import ShardCorruptError
@@ -117,12 +117,11 @@ def test_shards_without_hashes_are_read_checked_by_size_with_a_warning(
     warning saying it is checked by size only), and a truncated shard is still refused."""
     corpus = _fresh_copy(mixture, tmp_path / "corpus")
     for group in ("alpha", "beta"):
-        index = corpus / group / "train" / "index.json"
-        obj = json.loads(index.read_text())
+        obj = json.loads((corpus / group / "train" / "index.json").read_text())
         for entry in obj["shards"]:
             for key in ("raw_data", "zip_data"):
                 entry[key]["hashes"] = {}
-        index.write_text(json.dumps(obj))
+        write_index(corpus, f"{group}/train", obj)
     with caplog.at_level(logging.WARNING):
         expected = _epoch(_dataset(str(corpus), tmp_path / "cache"))
     # One warning for the dataset, not one per stream (a corpus can have thousands).
