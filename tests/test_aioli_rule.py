@@ -181,9 +181,9 @@ def test_defaults_warm_up_one_round_before_the_first_sweeps() -> None:
         assert cfg.prior_steps == cfg.update_steps == cfg.round_start(0)
         assert AioliConfig.defaults_for(m, update_steps=400).prior_steps == 400
         assert AioliConfig.defaults_for(m, prior_steps=0).round_start(0) == 0  # the paper
-    assert Aioli().make_config(["a", "b", "c"]).prior_steps == 250
-    assert Aioli(prior_steps=0).make_config(["a", "b", "c"]).round_start(0) == 0
-    assert Aioli(prior_steps=30, update_steps=100).make_config(["a", "b"]).prior_steps == 30
+    assert Aioli().mixer.make_config(["a", "b", "c"]).prior_steps == 250
+    assert Aioli(prior_steps=0).mixer.make_config(["a", "b", "c"]).round_start(0) == 0
+    assert Aioli(prior_steps=30, update_steps=100).mixer.make_config(["a", "b"]).prior_steps == 30
 
 
 # ---------------------------------------------------------------------------------- plan
