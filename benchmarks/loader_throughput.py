@@ -290,12 +290,15 @@ def run_hash_cost(job: dict[str, Any]) -> dict[str, Any]:
 
     ``validate_hash`` hashes each compressed shard once, when it is fetched; ``verify_cache``
     also reads and hashes each decompressed shard once per process that opens it. Best-of-N
-    timings of exactly those operations (streaming's ``get_hash``, the file in the page
-    cache) bound verification's cost much more tightly than the end-to-end runs can on a
-    shared machine, whose round-to-round spread is larger than the effect.
+    timings of exactly those operations (streaming's ``get_hash`` of the fetched bytes, the
+    loader's :func:`~mixstream.stream.file_hash` of the cached file, in the page cache)
+    bound verification's cost much more tightly than the end-to-end runs can on a shared
+    machine, whose round-to-round spread is larger than the effect.
     """
     import zstandard
     from streaming.base.hashing import get_hash
+
+    from mixstream.stream import file_hash
 
     def best(fn: Any) -> float:
         times = []
@@ -315,7 +318,7 @@ def run_hash_cost(job: dict[str, Any]) -> dict[str, Any]:
         zip_s += best(lambda data=data: get_hash("xxh64", data))
         raw = scratch / path.name.removesuffix(".zstd")
         raw.write_bytes(dctx.decompress(data))
-        raw_s += best(lambda raw=raw: get_hash("xxh64", raw.read_bytes()))
+        raw_s += best(lambda raw=raw: file_hash("xxh64", str(raw)))
         raw.unlink()
     return {"zip_hash_s": zip_s, "raw_read_hash_s": raw_s, "files": len(files)}
 

@@ -26,7 +26,7 @@ from helpers import tree_bytes
 from mixture_harness import fingerprint, write_index
 
 from mixstream import DynamicStreamingDataset, storage
-from mixstream.stream import ShardCorruptError
+from mixstream.stream import ShardCorruptError, file_hash
 
 SHARD = "beta/train/shard.00001.mds.zstd"
 
@@ -208,6 +208,21 @@ def _read_as(uid: int, corpus: Path, cache: Path) -> list[tuple[int, int]]:
     os.waitpid(pid, 0)
     assert not isinstance(result, str), result
     return result
+
+
+@pytest.mark.parametrize("algo", ["xxh64", "xxh3_64", "sha1", "md5"])
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 17])
+def test_file_hash_is_get_hash_of_the_whole_file(tmp_path: Path, algo: str, size: int) -> None:
+    """The cached-shard check hashes in chunks: the digest must be the whole file's, at and
+    across chunk boundaries, for every hash streaming offers."""
+    from streaming.base.hashing import get_hash
+
+    data = os.urandom(size)
+    path = tmp_path / "shard.mds"
+    path.write_bytes(data)
+    assert file_hash(algo, str(path)) == get_hash(algo, data)
+    with pytest.raises(ValueError, match="not a supported hash"):
+        file_hash("crc-nope", str(path))
 
 
 def test_a_read_only_corpus_is_read_through_the_cache_and_never_written(
