@@ -51,7 +51,12 @@ from mixstream.manifest import Manifest, ManifestError
 from mixstream.plan import MixturePlan, PlanState
 from mixstream.shardindex import ShardIndexError, check_path, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
-from mixstream.stream import DEFAULT_RETRY_SECONDS, ResilientStream, check_retry_seconds
+from mixstream.stream import (
+    DEFAULT_RETRY_SECONDS,
+    ResilientStream,
+    check_retry_seconds,
+    shared_downloader,
+)
 from mixstream.tokens import TokenLengths, load_sidecar
 from mixstream.weights import SchedulePast, Weights, WeightSchedule, normalize_weights
 
@@ -1311,6 +1316,7 @@ def _resilient(stream: Stream, retry_seconds: float) -> Stream:
         stream.download_retry_seconds = None  # type: ignore[attr-defined]
         stream.index_digest = None  # type: ignore[attr-defined]
         stream.index_named_by = "its manifest"  # type: ignore[attr-defined]
+        stream._downloader = shared_downloader(stream._downloader)
     if isinstance(stream, ResilientStream) and stream.download_retry_seconds is None:
         stream.download_retry_seconds = retry_seconds
     return stream
