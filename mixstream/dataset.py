@@ -307,6 +307,8 @@ class DynamicStreamingDataset(StreamingDataset):
             unhashed: list[tuple[str, int, int, int]] = []
             for s in copies:
                 s.get_shards = _checked_get_shards(s, self.verify_cache, unhashed)  # type: ignore[method-assign]
+                if isinstance(s, ResilientStream):
+                    s.link_local = self.verify_cache and not cache_limit
             try:
                 with sharedmem.agreeing_prefix(holdings), sharedmem.recording(holdings.segments):
                     super().__init__(
@@ -1316,6 +1318,7 @@ def _resilient(stream: Stream, retry_seconds: float) -> Stream:
         stream.download_retry_seconds = None  # type: ignore[attr-defined]
         stream.index_digest = None  # type: ignore[attr-defined]
         stream.index_named_by = "its manifest"  # type: ignore[attr-defined]
+        stream.link_local = False  # type: ignore[attr-defined]
         stream._downloader = shared_downloader(stream._downloader)
     if isinstance(stream, ResilientStream) and stream.download_retry_seconds is None:
         stream.download_retry_seconds = retry_seconds

@@ -257,6 +257,7 @@ class ResilientStream(Stream):
         )
         self.index_digest = index_digest
         self.index_named_by = index_named_by
+        self.link_local = False  # see set_up_local
         self._verified: set[str] = set()
 
     # ------------------------------------------------------------------ index
@@ -356,6 +357,43 @@ class ResilientStream(Stream):
     def _drop_changed(self, old: bytes, new: bytes) -> None:
         for name in _changed_files(old, new):
             _remove(os.path.join(self.local, self.split, name))
+
+    # ------------------------------------------------------------------ local corpora
+    def set_up_local(self, shards: list[Any], cache_usage_per_shard: Any) -> None:
+        """streaming's, after hard-linking a local corpus's uncompressed shards into the cache.
+
+        streaming copies each such shard into the cache on first use, one at a time, under
+        a node-wide file lock: ~1 ms a shard, so a first batch over 1,000 groups waited
+        1.5 s for copies of files already on disk. A hard link costs no data copy and no
+        disk space, and is safe because nothing here writes a cached file in place
+        (downloads and decompressions are written under a name of their own and renamed;
+        eviction unlinks). Only with ``link_local`` set, which the dataset does when every
+        cached file is checked on first use in each process (``verify_cache``) and there is
+        no cache limit; where a link cannot be made (another filesystem, no permission) the
+        shards are copied on first use as before.
+        """
+        if self.link_local and self.remote is not None and "://" not in self.remote:
+            self._link_uncompressed(shards)
+        super().set_up_local(shards, cache_usage_per_shard)
+
+    def _link_uncompressed(self, shards: list[Any]) -> None:
+        source_dir = os.path.join(self.remote or "", self.split)
+        cache_dir = os.path.join(self.local, self.split)
+        os.makedirs(cache_dir, exist_ok=True)
+        for shard in shards:
+            if any(zip_info is not None for _, zip_info in shard.file_pairs):
+                continue
+            for raw_info, _ in shard.file_pairs:
+                target = os.path.join(cache_dir, raw_info.basename)
+                if os.path.lexists(target):
+                    continue
+                try:
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    os.link(os.path.join(source_dir, raw_info.basename), target)
+                except FileExistsError:
+                    continue  # another process linked it first
+                except OSError:
+                    return  # cross-device, read-only cache, no permission: copy on use
 
     # ------------------------------------------------------------------ download
     def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:

@@ -244,3 +244,63 @@ def test_a_read_only_corpus_is_read_through_the_cache_and_never_written(
             finally:
                 shutil.rmtree(cache)
             assert tree_bytes(corpus) == before
+
+
+def _uncompressed_corpus(root: Path, groups: int = 3) -> list[Path]:
+    """``groups`` uncompressed local MDS streams with xxh64 (as plain streaming writes them)."""
+    from streaming import MDSWriter
+
+    folders = []
+    for g in range(groups):
+        folder = root / f"u{g}"
+        with MDSWriter(
+            out=str(folder), columns={"x": "int"}, hashes=["xxh64"], size_limit=1 << 10
+        ) as writer:
+            for i in range(200):
+                writer.write({"x": 1000 * g + i})
+        folders.append(folder)
+    return folders
+
+
+def _uncompressed_dataset(folders: list[Path], cache: Path, **options: Any) -> Any:
+    from streaming import Stream
+
+    streams = [Stream(remote=str(f), local=str(cache / f.name)) for f in folders]
+    names = [f.name for f in folders]
+    return DynamicStreamingDataset(streams=streams, groups=names, batch_size=4, seed=3, **options)
+
+
+def test_an_uncompressed_local_corpus_is_linked_into_the_cache_not_copied(
+    tmp_path: Path,
+) -> None:
+    """A local corpus's uncompressed shards are hard-linked into the cache at construction
+    (no copy, no per-shard lock at first use), the corpus is never written, and the sequence
+    is the one read through copies (``verify_cache=False`` keeps copying on first use)."""
+    folders = _uncompressed_corpus(tmp_path / "corpus")
+    before = tree_bytes(tmp_path / "corpus")
+    ds = _uncompressed_dataset(folders, tmp_path / "linked")
+    shards = sorted((tmp_path / "linked" / "u1").glob("*.mds"))
+    assert len(shards) > 1
+    for shard in shards:  # present before any read, and the corpus file itself
+        assert os.stat(shard).st_ino == os.stat(tmp_path / "corpus" / "u1" / shard.name).st_ino
+    linked = [int(s["x"]) for s in ds]
+    ds.close()
+    copied_ds = _uncompressed_dataset(folders, tmp_path / "copied", verify_cache=False)
+    assert [int(s["x"]) for s in copied_ds] == linked
+    copied_ds.close()
+    for shard in (tmp_path / "copied" / "u1").glob("*.mds"):
+        assert os.stat(shard).st_ino != os.stat(tmp_path / "corpus" / "u1" / shard.name).st_ino
+    assert tree_bytes(tmp_path / "corpus") == before
+    assert len(set(linked)) == len(linked) == 600
+
+
+def test_a_damaged_shard_of_a_linked_corpus_is_refused_on_first_use(tmp_path: Path) -> None:
+    """A linked shard is checked on its first use in each process like any cached shard: a
+    flipped byte in the corpus is refused, naming the shard, never read."""
+    folders = _uncompressed_corpus(tmp_path / "corpus")
+    victim = sorted(folders[2].glob("*.mds"))[1]
+    data = bytearray(victim.read_bytes())
+    data[-1] ^= 0x01
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardCorruptError, match=re.escape(victim.name)):
+        list(_uncompressed_dataset(folders, tmp_path / "cache"))
