@@ -81,6 +81,8 @@ NOISY_CORES = 0.15
 STALL_S = 20.0  # a first batch slower than this is reported as a stall
 RUN_TIMEOUT_S = 180.0
 LOADERS = ("plain", "ours")
+STATE_DICT_MEDIAN_MAX_S = 0.005  # issue 11: O(1) checkpoints at any step and global batch
+
 # Verification modes of ours: (validate_hash, verify_cache). "off" is the anchor.
 VERIFY = {"off": (None, False), "download": ("xxh64", False), "all": ("xxh64", True)}
 HASH_REPEATS = 5
@@ -833,6 +835,11 @@ def report(
             timing("`set_weights`, trainer alone", int(gb), row["set_weights_s"])
             for every in args.trainer_every:
                 timing(f"`state_dict` every {every} steps, trainer alone", int(gb), row[str(every)])
+                if median(row[str(every)]) >= STATE_DICT_MEDIAN_MAX_S:
+                    misses.append(
+                        f"state_dict median {median(row[str(every)]) * 1e3:.1f} ms at global "
+                        f"batch {gb}, every {every} steps"
+                    )
         results["state_dict_growth"] = []
         for u, r in trainer["updates"].items():
             update_rows.append(
@@ -906,11 +913,13 @@ def report(
             "",
             "*Trainer alone*: a dataset built with per-device batch = global batch and no "
             "iteration; `set_weights` every step, `state_dict` after every N steps "
-            "(the plan is advanced lazily, so a call costs O(N) allocation steps, each "
-            "O(global batch x groups) in pure Python).",
+            "(the plan advances as the trainer announces each step, so `set_weights` pays "
+            "one batch's allocation, O(global batch) in pure Python with few groups, and "
+            "`state_dict` only serializes).",
             "",
             f"`state_dict` as the run grows (global batch {BATCH}, one `set_weights` per "
-            "step; the state holds the whole weight schedule):",
+            "step; the state keeps a bounded tail of the schedule plus a digest of the "
+            "rest):",
             "",
             "\n".join(update_rows),
         ]
@@ -1038,7 +1047,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             {
                 "kind": "trainer",
                 "manifest": str(local_root / "mixture.json"),
-                "global_batches": [BATCH] if args.quick else [BATCH, 1024],
+                "global_batches": [BATCH] if args.quick else [BATCH, 1024, 8192],
                 "every": args.trainer_every,
                 "calls": 5 if args.quick else 20,
                 "updates": [100, 1000] if args.quick else [1_000, 10_000, 100_000],
@@ -1057,14 +1066,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         vmarkdown, results["verification"] = report_verification(vcells, hash_cost, args, sources)
         markdown += "\n\n" + vmarkdown
     verdict = (
-        "- Targets: ours >= 1.0x plain in every cell, without incidents, and "
-        "`set_weights` p99 < 1 ms: "
+        "- Targets: ours >= 1.0x plain in every cell, without incidents, `set_weights` "
+        "p99 < 1 ms in the training loop, and `state_dict` median < 5 ms at every global "
+        "batch and interval (trainer alone): "
         + ("**met**." if not misses else f"**missed**: {'; '.join(misses)}.")
     )
     markdown += "\n\n" + verdict
     results["targets"] = {
         "ours_vs_plain_min": 1.0,
         "set_weights_p99_ms_max": 1.0,
+        "state_dict_median_ms_max": STATE_DICT_MEDIAN_MAX_S * 1e3,
         "met": not misses,
         "misses": misses,
     }

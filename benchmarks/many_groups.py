@@ -101,6 +101,19 @@ def run_reader(job: dict[str, Any]) -> dict[str, Any]:
     from mixstream import DynamicStreamingDataset
 
     root, m = Path(job["root"]), job["groups"]
+    allocation_s: list[float] = []
+    if job["kind"] == "ours":  # time the apportionment inside the plan (a cost that grows with m)
+        import mixstream.plan as plan_module
+
+        allocate = plan_module.allocate
+
+        def timed_allocate(*args: Any) -> Any:
+            t0 = time.perf_counter()
+            out = allocate(*args)
+            allocation_s.append(time.perf_counter() - t0)
+            return out
+
+        plan_module.allocate = timed_allocate
     with stopwatch() as build:  # imports above: the build time is the dataset's alone
         if job["kind"] == "ours":
             ds: Any = DynamicStreamingDataset(manifest=str(root), batch_size=BATCH,
@@ -115,6 +128,7 @@ def run_reader(job: dict[str, Any]) -> dict[str, Any]:
     state_s: list[float] = []
     state_bytes = 0
     samples, first = 0, 0.0
+    allocation_s.clear()  # those of construction are not per batch
     started = time.perf_counter()
     for step, batch in enumerate(DataLoader(ds, batch_size=BATCH, num_workers=0), 1):
         samples += int(batch["input_ids"].shape[0])
@@ -141,6 +155,8 @@ def run_reader(job: dict[str, Any]) -> dict[str, Any]:
         "set_weights_ms": 1e3 * median(set_weights_s) if set_weights_s else None,
         "state_dict_ms": 1e3 * median(state_s) if state_s else None,
         "state_bytes": state_bytes or None,
+        "batch_ms": 1e3 * (done - first) / max(samples // BATCH - 1, 1),
+        "allocation_ms": 1e3 * median(allocation_s) if allocation_s else None,
     }  # fmt: skip
 
 
@@ -187,8 +203,9 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
         "",
         "| groups | ours samples/s | ours vs m=3 | plain samples/s | ours / plain | first batch s "
         "(ours / plain) | build s (ours / plain) | RSS MB built, peak (ours / plain) | "
-        "`set_weights` ms | `state_dict` ms | state KB | others' CPU |",
-        "|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|",
+        "`set_weights` ms | `state_dict` ms | ours ms/batch | allocation ms/batch | state KB "
+        "| others' CPU |",
+        "|---:|---:|---:|---:|---:|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     summary: dict[str, Any] = {"cells": {}}
     base = _med(cells.get(("ours", args.groups[0]), []), "rate")
@@ -213,17 +230,21 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
             f"| {pair('rss_built_mb', '.0f')}, {pair('rss_peak_mb', '.0f')} | "
             f"{_fmt(_med(ours_ok, 'set_weights_ms'), '.3f')} | "
             f"{_fmt(_med(ours_ok, 'state_dict_ms'), '.2f')} | "
+            f"{_fmt(_med(ours_ok, 'batch_ms'), '.2f')} | "
+            f"{_fmt(_med(ours_ok, 'allocation_ms'), '.2f')} | "
             f"{_fmt(None if state is None else state / 1024, ',.1f')} | {others:.2f} |"
         )
         if failed:
-            lines.append(f"| | failed: {failed[0]} ({len(failed)} runs) | | | | | | | | | | |")
+            lines.append(f"| | failed: {failed[0]} ({len(failed)} runs) |" + " |" * 12)
         summary["cells"][str(m)] = {
             "ours_rate": rate, "plain_rate": prate, "ours_vs_m3": vs3, "ours_over_plain": ratio,
             "first_batch_s": {"ours": _med(ours_ok, "first_batch_s"),
                               "plain": _med(plain_ok, "first_batch_s")},
             "state_bytes": state, "state_dict_ms": _med(ours_ok, "state_dict_ms"),
             "set_weights_ms": _med(ours_ok, "set_weights_ms"), "failed": failed,
+            "batch_ms": _med(ours_ok, "batch_ms"), "allocation_ms": _med(ours_ok, "allocation_ms"),
         }  # fmt: skip
+    lines += _where_the_time_goes(summary["cells"], args.groups[0])
     thousand = summary["cells"].get("1000", {})
     if thousand.get("ours_vs_m3") is not None and thousand.get("ours_over_plain") is not None:
         met = thousand["ours_vs_m3"] >= 0.8 and thousand["ours_over_plain"] >= 1.0
@@ -231,6 +252,24 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
                   f"{thousand['ours_vs_m3']:.2f} and {thousand['ours_over_plain']:.2f}x: "
                   f"**{'met' if met else 'not met'}**."]  # fmt: skip
     return "\n".join(lines), summary
+
+
+def _where_the_time_goes(cells: dict[str, dict[str, Any]], base_m: int) -> list[str]:
+    """How much of ours' extra time per batch at each m the apportionment explains."""
+    base = cells.get(str(base_m), {})
+    if base.get("batch_ms") is None or base.get("allocation_ms") is None:
+        return []
+    parts = []
+    for m, cell in cells.items():
+        if int(m) == base_m or cell.get("batch_ms") is None or cell.get("allocation_ms") is None:
+            continue
+        extra = cell["batch_ms"] - base["batch_ms"]
+        alloc = cell["allocation_ms"] - base["allocation_ms"]
+        parts.append(f"m={int(m):,}: {extra:+.2f} ms, of which allocation {alloc:+.2f} ms")
+    if not parts:
+        return []
+    return ["", f"Ours' time per batch against m={base_m:,} (medians): " + "; ".join(parts)
+            + ". The rest lies outside the apportionment."]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- main

@@ -49,7 +49,8 @@ from mixstream import sharedmem, storage
 from mixstream.channel import UNBOUNDED, ScheduleChannel
 from mixstream.manifest import Manifest, ManifestError
 from mixstream.plan import MixturePlan, PlanState
-from mixstream.shardindex import ShardIndexError, check_path, checked_get_shards, index_location
+from mixstream.reader import CheckedMDSReader
+from mixstream.shardindex import check_path, checked_get_shards, index_location
 from mixstream.spanner import ShardSpanner
 from mixstream.stream import (
     DEFAULT_RETRY_SECONDS,
@@ -306,7 +307,9 @@ class DynamicStreamingDataset(StreamingDataset):
             copies = [_resilient(copy.copy(s), retry_seconds) for s in streams]
             unhashed: list[tuple[str, int, int, int]] = []
             for s in copies:
-                s.get_shards = _checked_get_shards(s, self.verify_cache, unhashed)  # type: ignore[method-assign]
+                s.get_shards = _checked_get_shards(  # type: ignore[method-assign]
+                    s, self.verify_cache, not cache_limit, unhashed
+                )
                 if isinstance(s, ResilientStream):
                     s.link_local = self.verify_cache and not cache_limit
             try:
@@ -938,6 +941,9 @@ class DynamicStreamingDataset(StreamingDataset):
         on every rank once training is done.
         """
         self._channel.close()
+        for shard in self.shards:
+            if isinstance(shard, CheckedMDSReader):
+                shard.close_file()
         for stream in self.streams:
             stream._downloader.clean_up()
         if hasattr(self, "_release"):
@@ -1278,37 +1284,6 @@ def _check_past(obj: Mapping[str, Any], num_groups: int) -> SchedulePast:
     return SchedulePast(entries, digest, sums)
 
 
-class _CountedMDSReader(MDSReader):
-    """An MDS shard reader that checks the shard's own sample count on its first read.
-
-    The index alone cannot fix the count of a shard with variable-size columns (text): one
-    claiming fewer samples than the shard holds would silently skip the rest, one claiming
-    more would fail deep inside with "Relative sample index 74 is not present". The count is
-    the shard file's first 4 bytes; reading them once per process costs one small read.
-    """
-
-    index_name = ""  # the index the reader came from, for messages
-    stream: ResilientStream | None = None  # checks the cached file on first read, if set
-    _count_checked = False
-
-    def get_sample_data(self, idx: int) -> bytes:
-        if not self._count_checked:
-            if self.stream is not None:
-                self.stream.check_cached(self)
-            filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
-            with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
-                head = f.read(4)
-            held = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else None
-            if held != self.samples:
-                raise ShardIndexError(
-                    f"{filename} holds {'no sample count' if held is None else held} samples "
-                    f"but {self.index_name or 'its index'} says {self.samples}; the index does "
-                    "not match its shards: re-convert the stream (or run shard-tools verify)"
-                )
-            self._count_checked = True
-        return super().get_sample_data(idx)
-
-
 def _resilient(stream: Stream, retry_seconds: float) -> Stream:
     """A copy of a plain ``Stream`` made a :class:`ResilientStream` (retries, verification);
     a subclass of the caller's own keeps its class (its downloads are its own)."""
@@ -1326,12 +1301,15 @@ def _resilient(stream: Stream, retry_seconds: float) -> Stream:
 
 
 def _checked_get_shards(
-    stream: Stream, verify_cache: bool, unhashed: list[tuple[str, int, int, int]]
+    stream: Stream,
+    verify_cache: bool,
+    keep_open: bool,
+    unhashed: list[tuple[str, int, int, int]],
 ) -> Any:
     """``stream.get_shards`` that checks the index (:mod:`mixstream.shardindex`) before any
-    shard I/O, and gives MDS shards readers that check their sample count (and, with
-    ``verify_cache``, their cached file) on first use. Streams with shards that have no
-    ``validate_hash`` digest are appended to ``unhashed`` (index, count, total, first)."""
+    shard I/O, and gives MDS shards :class:`~mixstream.reader.CheckedMDSReader` readers
+    (checked on first use; files kept open with ``keep_open``). Streams with shards that have
+    no ``validate_hash`` digest are appended to ``unhashed`` (index, count, total, first)."""
     get_shards = checked_get_shards(stream)
 
     def wrapped(world: Any, allow_unsafe_types: bool) -> list[Any]:
@@ -1345,7 +1323,8 @@ def _checked_get_shards(
             unhashed.append((index_location(stream), len(missing), len(shards), missing[0]))
         for shard in shards:
             if type(shard) is MDSReader:
-                shard.__class__ = _CountedMDSReader
+                shard.__class__ = CheckedMDSReader
+                shard.keep_open = keep_open
                 shard.index_name = index_location(stream)
                 if isinstance(stream, ResilientStream) and verify_cache:
                     shard.stream = stream
