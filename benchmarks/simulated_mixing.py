@@ -1,8 +1,9 @@
 """How close each mixing method gets to the optimal mixture of a known law, and how fast.
 
 Every method runs on planted laws (:class:`mixstream.algorithms.simulate.PlantedLaw`: one
-shared parameter trained by SGD, per-group losses with planted transfer and conflict) through
-its simulator adapter, which makes its Composer algorithm's calls on the pure rules. The
+shared parameter trained by SGD, per-group losses with planted transfer and conflict): ODM,
+ADO, Aioli and Skill-It as their real ``Mixer`` (``mixstream.mixing``) steering the run, the
+others through an adapter that makes their Composer algorithm's calls on the pure rules. The
 optimal *static* mixture ``p*`` of each law is computed from the law's closed-form expected
 loss, so each method is measured against it:
 
@@ -18,7 +19,7 @@ loss, so each method is measured against it:
 Settings are the CPU recipes' (``recipes/cpu-*.yaml``, set for 1000-batch runs, the length
 simulated here), except that DGA's target is the mean of all groups' validation sets (the
 objective; the recipe names one group) and DoReMi's reference is the Stratified run of the
-same seed. Pure numpy: about two minutes of one core. ::
+same seed. No model: about two minutes of one core. ::
 
     .venv/bin/python -m benchmarks.simulated_mixing
     .venv/bin/python -m benchmarks.simulated_mixing --seeds 2 --no-write   # a quick look

@@ -14,9 +14,11 @@ from mixstream.algorithms.odm import exploration_rate
 from mixstream.algorithms.simulate import (
     ADOAdapter,
     AioliAdapter,
+    Batch,
     DGAAdapter,
     DoGEAdapter,
     DoReMiAdapter,
+    MixerAdapter,
     ODMAdapter,
     PlantedLaw,
     PlantedRun,
@@ -25,6 +27,8 @@ from mixstream.algorithms.simulate import (
     project_to_simplex,
     simulate,
 )
+from mixstream.mixing import ODMMixer, SkillItMixer
+from mixstream.mixing.base import SteeredDataset
 
 
 def _corner(steps: int = 1000, block_size: int = 24) -> PlantedLaw:
@@ -253,7 +257,7 @@ def test_ado_samples_the_prior_until_warmup_then_a_floored_policy() -> None:
     result = simulate(_interior(), adapter, seed=1)
     np.testing.assert_allclose(result.trained[:61], 1 / 3)
     assert np.all(result.trained >= 0.02 / (1 + 3 * 0.02) - 1e-12)
-    assert adapter.ado.fits == 18 and _changes(result.trained)[0] == 61
+    assert adapter.mixer.ado.fits == 18 and _changes(result.trained)[0] == 61
 
 
 @pytest.mark.parametrize("kind", ["doremi", "doge"])
@@ -331,7 +335,7 @@ def test_skillit_graph_favours_the_group_swept_first() -> None:
         if order[0] == 0 or order[-1] == 0:
             adapter = SkillItAdapter()
             simulate(_corner(steps=40), adapter, seed)  # the 30-batch graph phase and a bit
-            graph = np.asarray(adapter.state.graph)
+            graph = np.asarray(adapter.mixer.state.graph)
             rows.setdefault(order.index(0), []).append(graph[0].sum() / graph.sum())
         if 0 in rows and 2 in rows:
             break
@@ -353,3 +357,43 @@ def test_benchmark_laws_are_what_their_names_say() -> None:
         # and there is something to gain over uniform, well above the paired seed noise
         assert law.objective(np.full(m, 1 / m))[0] - value > 0.02
         assert ("low noise" in label) == (law.noise < 0.5)
+
+
+# ------------------------------------------------------------- the methods are the Mixers
+def test_the_simulator_runs_the_real_mixer() -> None:
+    """ODM, ADO, Aioli and Skill-It are simulated by their Mixer on the run as its dataset:
+    the mixer sees every batch's per-group losses, a subclass's override is what runs, and
+    the validation-loss methods measure exactly when their plan says."""
+    law = _interior(steps=100)
+    assert isinstance(PlantedRun(law), SteeredDataset)
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+    calls: list[tuple[int, np.ndarray, np.ndarray]] = []
+
+    class Recording(ODMMixer):
+        def update(self, step: int) -> None:
+            calls.append((step, *self.step_train_losses()))
+            super().update(step)
+
+    def on_batch(run: PlantedRun, batch: Batch) -> None:
+        seen.append(batch.group_losses())
+
+    result = simulate(law, MixerAdapter(Recording, warmup_steps=20), seed=1, on_batch=on_batch)
+    assert [c[0] for c in calls] == list(range(1, 101))
+    for (_, losses, tokens), (batch_losses, counts) in zip(calls, seen, strict=True):
+        np.testing.assert_allclose(losses, batch_losses, rtol=1e-12)  # NaN where absent
+        np.testing.assert_array_equal(tokens, counts)
+    named = simulate(law, ODMAdapter(warmup_steps=20), seed=1)
+    np.testing.assert_array_equal(result.trained, named.trained)
+    assert _changes(result.trained)[0] == 22  # learns after batch 21, one batch of lag
+
+    class Frozen(ODMMixer):
+        def update(self, step: int) -> None:
+            pass
+
+    np.testing.assert_allclose(simulate(law, MixerAdapter(Frozen), seed=1).trained, 1 / 3)
+
+    # Skill-It: 4 measurements in the graph phase (the last one is the first update), then
+    # one per update at 80, 130, 180, 230, 280
+    adapter = SkillItAdapter(update_steps=50, graph_steps=10)
+    simulate(_interior(steps=300), adapter, seed=2)
+    assert isinstance(adapter.mixer, SkillItMixer) and adapter.mixer.evaluations == 9

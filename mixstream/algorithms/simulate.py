@@ -1,6 +1,6 @@
 """Toy training runs under *known* laws: how close each mixing method gets to the optimum.
 
-Two simulators, no model and no torch:
+Two simulators, no model:
 
 * :class:`LinearDynamicSimulator`: validation losses only, ``L_{s+1} = L_s - A p_s + noise``
   with a planted ``A`` (optimum: all weight on the group with the largest column sum of
@@ -9,9 +9,13 @@ Two simulators, no model and no torch:
 * :class:`PlantedLaw` / :class:`PlantedRun`: a shared parameter trained by SGD on the
   mixture's batches, which gives *every* method the signal it learns from, exactly when a
   trainer would, and whose optimal static mixture is computable. :func:`simulate` runs one
-  method on it through a small adapter per method (:data:`ADAPTERS`) that makes the calls
-  its Composer algorithm (``mixstream.composer.*``) makes, in the same order, against the
-  same pure rules and state objects, with the dataset's update lag and batch apportioning.
+  method on it through an adapter (:data:`ADAPTERS`), with the dataset's update lag and
+  batch apportioning. ODM, ADO, Aioli and Skill-It are their real
+  :class:`~mixstream.mixing.base.Mixer`, steering the run as they steer the dataset
+  (:class:`MixerAdapter`), so what is simulated is what trains, with no second copy of any
+  decision. DoReMi, DGA and DoGE collect their signals in Composer only (a reference model,
+  gradient probes); their adapters make the calls their Composer algorithm
+  (``mixstream.composer.*``) makes, in the same order, on the same pure rules and states.
 
 **The planted model.** ``u = theta - theta*`` in ``R^d``. A sample of group j with noise
 ``z ~ N(0, sigma^2 I)`` has loss ``l = c_j + 1/2 sum_k s_jk ((u_k - delta_jk - z_k)^2 - sigma^2)``
@@ -43,7 +47,7 @@ The learning rate is constant: the power law comes from the spectrum, not a sche
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -51,9 +55,9 @@ from typing import Any
 import numpy as np
 
 from ..apportion import advance_targets, allocate
+from ..mixing import ADOMixer, AioliMixer, Mixer, ODMMixer, SkillItMixer
 from ..weights import WeightSchedule
-from .ado import ADOConfig, ADOState
-from .aioli import AioliConfig, AioliState, LearnParamsPlan, sweep_mixtures
+from .aioli import AioliConfig, AioliState
 from .dga import cosine_alignment, dga_update
 from .doge import DoGEState, doge_scores
 from .doremi import DoReMiState
@@ -64,8 +68,6 @@ from .lmo import (
     check_simplex,
     normalize_mixing_matrix,
 )
-from .odm import ODMConfig, ODMState
-from .skillit import SkillItState, check_graph, learn_graph
 
 __all__ = [
     "ADAPTERS",
@@ -78,6 +80,7 @@ __all__ = [
     "DoGEAdapter",
     "DoReMiAdapter",
     "LinearDynamicSimulator",
+    "MixerAdapter",
     "ODMAdapter",
     "PlantedLaw",
     "PlantedRun",
@@ -377,8 +380,8 @@ class Batch:
     num_groups: int
 
     def group_losses(self) -> tuple[np.ndarray, np.ndarray]:
-        """Mean training loss and sample count per group, NaN for an absent group
-        (``MixingAlgorithm.step_train_losses``)."""
+        """Mean training loss and sample count per group, NaN for an absent group (what a
+        loop hands ``Mixer.observe_group_losses``; a sample is one token here)."""
         counts = np.bincount(self.groups, minlength=self.num_groups).astype(np.float64)
         sums = np.bincount(self.groups, weights=self.losses, minlength=self.num_groups)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -401,7 +404,10 @@ class PlantedRun:
     Batch ``b`` trains on the mixture the :class:`~mixstream.weights.WeightSchedule` has in
     force at ``b``, apportioned into samples per group as the dataset does
     (:func:`mixstream.apportion.allocate`); :meth:`set_weights` takes effect ``update_lag``
-    batches later, as ``DynamicStreamingDataset.set_weights`` does. Every batch draws
+    batches later, as ``DynamicStreamingDataset.set_weights`` does. It has the dataset's
+    trainer side (:class:`~mixstream.mixing.base.SteeredDataset`: groups ``g0, g1, ...``,
+    ``seed``, ``update_lag``, ``step``, ``advance``, ``set_weights``, the schedule), so a
+    :class:`~mixstream.mixing.base.Mixer` steers it as it steers the dataset. Every batch draws
     ``batch_size x d`` noise from the run's stream whatever the mixture, so runs with one
     seed see the same noise (paired comparisons); the validation set is drawn once per seed,
     and probes are keyed by ``(seed, step, tag, group)`` like ``composer.probes.draw_probe``.
@@ -412,8 +418,9 @@ class PlantedRun:
         self.seed = _check_int("seed", seed, 0)
         self.update_lag = _check_int("update_lag", update_lag, 1)
         m, d = law.num_groups, law.dim
+        self.group_names = [f"g{j}" for j in range(m)]
         self.u = law.init.copy()
-        self.step = 0
+        self.step = 0  #: batches trained (the trainer's announced step)
         self.schedule = WeightSchedule([(0, np.full(m, 1.0 / m))])
         self._targets = np.zeros(m)
         self._counts = np.zeros(m, dtype=np.int64)
@@ -432,8 +439,22 @@ class PlantedRun:
     def lr(self) -> float:
         return self.law.lr
 
+    @property
+    def started(self) -> bool:
+        """Whether a batch has been planned (trained): set_weights then respects the lag."""
+        return self.step > 0
+
+    @property
+    def weight_schedule(self) -> WeightSchedule:
+        return self.schedule.copy()
+
     def weights_at(self, batch: int) -> np.ndarray:
         return self.schedule.at(batch)
+
+    def advance(self, step: int) -> None:
+        """The trainer's announcement that ``step`` batches are done (they are, here)."""
+        if step != self.step:
+            raise ValueError(f"advance({step}), but {self.step} batches are done")
 
     def set_weights(self, weights: Any, step: int, effective_step: int | None = None) -> int:
         """Use ``weights`` from batch ``step + update_lag`` (or a later ``effective_step``);
@@ -445,7 +466,7 @@ class PlantedRun:
             raise ValueError(f"set_weights at step {step}, but {self.step} batches are done")
         earliest = step + self.update_lag
         effective = earliest if effective_step is None else int(effective_step)
-        if effective < (earliest if self.step else step):
+        if effective < (earliest if self.started else step):
             raise ValueError(
                 f"effective step {effective} is inside the update lag window: batches before "
                 f"{earliest} (step {step} + lag {self.update_lag}) may already be prefetched"
@@ -570,128 +591,78 @@ def _aioli_round(config: AioliConfig, state: AioliState) -> AioliRound:
     return AioliRound(A_raw=A_raw, A_used=A_used, weights=np.asarray(state.weights))
 
 
-class AioliAdapter(Adapter):
-    """``composer.Aioli``: whole rounds scheduled ahead, validation at the plan's steps.
+class MixerAdapter(Adapter):
+    """A method that is a :class:`~mixstream.mixing.base.Mixer`, run by the Mixer itself.
 
-    ``overrides`` are :class:`AioliConfig` fields over ``AioliConfig.defaults_for(groups)``
-    (the paper's settings and the one-round warm-up); ``rounds`` records every round.
+    The run is the mixer's dataset; per batch the adapter does what a training loop does:
+    ``observe_group_losses`` with the batch's per-group training losses and sample counts,
+    then ``step``. Validation losses come from ``evaluate=run.validation_losses`` (called only
+    by the methods that learn from them, at their steps). So the simulated method is the
+    trained one, a subclass or an override included, not a copy of its decisions.
+
+    ``mixer_class`` defaults to the class attribute (the named adapters below); ``settings``
+    are its keyword arguments. ``mixer`` is the Mixer of the last :meth:`setup`.
     """
 
-    name = "aioli"
+    name = "mixer"
+    mixer_class: type[Mixer] = Mixer
+    mixer: Mixer
 
-    def __init__(self, **overrides: Any) -> None:
-        self.overrides = overrides
-        self.rounds: list[AioliRound] = []
+    def __init__(self, mixer_class: type[Mixer] | None = None, /, **settings: Any) -> None:
+        if mixer_class is not None:
+            self.mixer_class = mixer_class
+        self.settings = settings
+        self.mixer_class(**settings)  # bad settings fail here, not at setup
 
     def setup(self, run: PlantedRun) -> None:
-        config = AioliConfig.defaults_for(run.num_groups, **self.overrides)
-        room = config.update_steps - config.lp_duration
-        if room < run.update_lag:
-            raise ValueError(
-                f"Aioli: a round leaves {room} batches after LearnParams, fewer than the "
-                f"update lag ({run.update_lag}); raise update_steps or lower lp_steps"
-            )
-        self.config, self.state = config, AioliState.initial(config, run.seed)
-        entries = [(0, config.initial_weights())] if config.prior_steps else []
-        entries += self.state.plan(config).weight_schedule(config.initial_weights())
-        for effective, weights in entries:
-            run.set_weights(weights, 0, effective_step=effective)
-        self._maybe_evaluate(run, 0)
+        self.mixer = self.mixer_class(
+            run, evaluate=run.validation_losses, total_steps=run.law.steps, **self.settings
+        )
+        self.mixer.start()
 
     def on_step(self, run: PlantedRun, step: int, batch: Batch) -> None:
-        self._maybe_evaluate(run, step)
-
-    def _maybe_evaluate(self, run: PlantedRun, step: int) -> None:
-        config, state = self.config, self.state
-        plan = state.plan(config)
-        if plan.eval_steps[len(state.losses)] != step:
-            return
-        state.record_losses(config, run.validation_losses())
-        if len(state.losses) < len(plan.eval_steps):
-            return
-        learned = state.finish_round(config)
-        self.rounds.append(_aioli_round(config, state))
-        run.set_weights(learned, step)
-        for effective, weights in state.plan(config).weight_schedule(learned):
-            run.set_weights(weights, step, effective_step=effective)
+        self.mixer.observe_group_losses(*batch.group_losses())
+        self.mixer.step(step)
 
 
-class SkillItAdapter(Adapter):
-    """``composer.SkillIt``: the graph phase (one-hot sweeps) scheduled up front, then an
-    update from the window of validation losses every ``update_steps`` batches."""
+class ODMAdapter(MixerAdapter):
+    """:class:`~mixstream.mixing.odm.ODMMixer` (what ``composer.ODM`` drives)."""
+
+    name = "odm"
+    mixer_class = ODMMixer
+
+
+class ADOAdapter(MixerAdapter):
+    """:class:`~mixstream.mixing.ado.ADOMixer` (what ``composer.ADO`` drives)."""
+
+    name = "ado"
+    mixer_class = ADOMixer
+
+
+class SkillItAdapter(MixerAdapter):
+    """:class:`~mixstream.mixing.skillit.SkillItMixer` (what ``composer.SkillIt`` drives)."""
 
     name = "skillit"
+    mixer_class = SkillItMixer
 
-    def __init__(
-        self,
-        *,
-        graph: Any | None = None,
-        eta: float = 0.2,
-        update_steps: int = 100,
-        window: int = 3,
-        graph_steps: int = 10,
-        graph_rounds: int = 1,
-        one_hot_factor: float = 1.0,
-        prior: Any | None = None,
-    ) -> None:
-        self.graph = None if graph is None else check_graph(graph)
-        self.eta = check_positive("eta", eta)
-        self.update_steps = _check_int("update_steps", update_steps, 1)
-        self.window = _check_int("window", window, 1)
-        self.graph_steps = _check_int("graph_steps", graph_steps, 1)
-        self.graph_rounds = _check_int("graph_rounds", graph_rounds, 1)
-        self.one_hot_factor = float(one_hot_factor)
-        self.prior_spec = prior
+
+class AioliAdapter(MixerAdapter):
+    """:class:`~mixstream.mixing.aioli.AioliMixer` (what ``composer.Aioli`` drives);
+    ``rounds`` records what every round saw and decided."""
+
+    name = "aioli"
+    mixer_class = AioliMixer
 
     def setup(self, run: PlantedRun) -> None:
-        m = run.num_groups
-        self.prior = (
-            np.full(m, 1.0 / m)
-            if self.prior_spec is None
-            else check_simplex("prior", self.prior_spec)
-        )
-        self.state = SkillItState()
-        self.plan: LearnParamsPlan | None = None
-        entries: list[tuple[int, Sequence[float]]] = [(0, tuple(self.prior))]
-        if self.graph is not None:
-            self.state.graph = self.graph.tolist()
-            self.first_update = 0
-        else:
-            W = sweep_mixtures(m, self.one_hot_factor)
-            self.plan = LearnParamsPlan.build(
-                W, self.graph_rounds, self.graph_steps, run.seed, 0, 0
-            )
-            self.first_update = self.plan.mix_start_step
-            entries = self.plan.weight_schedule(tuple(self.prior))
-        for effective, weights in entries:
-            run.set_weights(weights, 0, effective_step=effective)
-        self._maybe_act(run, 0)
+        self.rounds: list[AioliRound] = []
+        super().setup(run)
 
     def on_step(self, run: PlantedRun, step: int, batch: Batch) -> None:
-        self._maybe_act(run, step)
-
-    def _maybe_act(self, run: PlantedRun, step: int) -> None:
-        state = self.state
-        if state.graph is None:
-            assert self.plan is not None
-            if self.plan.eval_steps[len(state.graph_losses)] != step:
-                return
-            losses = run.validation_losses()
-            state.graph_losses.append([float(x) for x in losses])
-            if len(state.graph_losses) < len(self.plan.eval_steps):
-                return
-            state.graph = learn_graph(
-                self.plan.order, state.graph_losses, self.graph_rounds
-            ).tolist()
-            self._update(run, step, losses)
-        elif step >= self.first_update and (step - self.first_update) % self.update_steps == 0:
-            self._update(run, step, run.validation_losses())
-
-    def _update(self, run: PlantedRun, step: int, losses: np.ndarray) -> None:
-        self.state.record(losses, self.window)
-        p = self.state.update(self.eta, self.prior)
-        effective = run.set_weights(p, step)
-        self.state.weights = [float(x) for x in run.weights_at(effective)]
+        super().on_step(run, step, batch)
+        mixer = self.mixer
+        assert isinstance(mixer, AioliMixer) and mixer.config and mixer.state
+        if mixer.state.round_index > len(self.rounds):  # a round finished at this step
+            self.rounds.append(_aioli_round(mixer.config, mixer.state))
 
 
 class DGAAdapter(Adapter):
@@ -727,58 +698,6 @@ class DGAAdapter(Adapter):
             a = cosine_alignment(probe.inner, probe.group_norms, probe.target_norm)
         effective = run.set_weights(dga_update(self.alpha, a, self.eta, self.ema), step)
         self.alpha = run.weights_at(effective)
-
-
-class ODMAdapter(Adapter):
-    """``composer.ODM``: after every batch, the bandit learns from its per-group training
-    losses and the weights it was drawn with, and its policy is the next mixture."""
-
-    name = "odm"
-
-    def __init__(self, **settings: Any) -> None:
-        self.settings = settings
-
-    def setup(self, run: PlantedRun) -> None:
-        self.config = ODMConfig(num_groups=run.num_groups, **self.settings)
-        self.bandit = ODMState.initial(self.config)
-
-    def on_step(self, run: PlantedRun, step: int, batch: Batch) -> None:
-        if not self.config.learns_at(step):
-            return
-        losses, _ = batch.group_losses()
-        policy = self.bandit.update(self.config, step, losses, run.weights_at(step - 1))
-        effective = run.set_weights(policy, step)
-        self.bandit.weights = [float(x) for x in run.weights_at(effective)]
-
-
-class ADOAdapter(Adapter):
-    """``composer.ADO``: after every batch, record its per-group losses and sample counts,
-    refit the power laws when due, and follow the policy (the prior until ``warmup_steps``)."""
-
-    name = "ado"
-
-    def __init__(self, *, prior: Any | None = None, **settings: Any) -> None:
-        """``settings``: :class:`ADOConfig` fields; ``prior`` defaults to the weights at the
-        start (uniform), as the Composer ``ADO``'s does."""
-        self.prior = None if prior is None else tuple(check_simplex("prior", prior))
-        self.settings = settings
-
-    def setup(self, run: PlantedRun) -> None:
-        prior = tuple(run.weights_at(0)) if self.prior is None else self.prior
-        self.config = ADOConfig(num_groups=run.num_groups, prior=prior, **self.settings)
-        self.ado = ADOState.initial(self.config)
-        run.set_weights(self.config.initial_weights(), 0, effective_step=0)
-
-    def on_step(self, run: PlantedRun, step: int, batch: Batch) -> None:
-        losses, tokens = batch.group_losses()
-        self.ado.observe(self.config, tokens, losses)
-        if self.config.fits_at(step):
-            self.ado.refit(self.config)
-        mixture = self.ado.update(self.config, step)
-        if mixture is None:
-            return
-        effective = run.set_weights(mixture, step)
-        self.ado.weights = [float(x) for x in run.weights_at(effective)]
 
 
 class DoReMiAdapter(Adapter):
@@ -869,7 +788,7 @@ class DoGEAdapter(Adapter):
         return self.doge.average
 
 
-#: adapter classes by the Composer algorithm's ``kind``
+#: adapter classes by the method's ``kind`` (the Composer algorithm's and the Mixer's)
 ADAPTERS: dict[str, type[Adapter]] = {
     cls.name: cls
     for cls in (StaticAdapter, AioliAdapter, DoReMiAdapter, DGAAdapter, ODMAdapter, ADOAdapter,

@@ -42,7 +42,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -52,14 +52,41 @@ from mixstream.mixing.history import WEIGHTS_FILE, MixtureHistory, read_history
 from mixstream.mixing.signals import all_reduce_sum, group_loss_sums, rank_and_world
 from mixstream.weights import WeightSchedule, normalize_weights
 
-__all__ = ["Mixer"]
+__all__ = ["Mixer", "SteeredDataset"]
 
 #: ``log_metrics(metrics, step)``: where a mixer's numbers go (Composer's ``Logger.log_metrics``)
 MetricsSink = Callable[..., Any]
 
 
+@runtime_checkable
+class SteeredDataset(Protocol):
+    """What a mixer uses of its dataset: the trainer side of
+    :class:`~mixstream.dataset.DynamicStreamingDataset`.
+
+    Spelled out so that a stand-in with the same members is steered by the same mixers: the
+    planted-law simulator's :class:`~mixstream.algorithms.simulate.PlantedRun` runs the real
+    methods, not copies of them.
+    """
+
+    group_names: list[str]
+    seed: int
+    update_lag: int
+    step: int  #: global batches the trainer has announced
+    started: bool  #: whether batches may already be planned (prefetched)
+
+    @property
+    def weight_schedule(self) -> WeightSchedule: ...
+
+    def weights_at(self, batch: int) -> np.ndarray: ...
+
+    def advance(self, step: int) -> None: ...
+
+    def set_weights(self, weights: Any, step: int, effective_step: int | None = None) -> int: ...
+
+
 class Mixer:
-    """Drives a :class:`~mixstream.dataset.DynamicStreamingDataset` from a training loop.
+    """Drives a :class:`~mixstream.dataset.DynamicStreamingDataset` (or any
+    :class:`SteeredDataset`) from a training loop.
 
     The base class makes no decisions (it keeps the weights the dataset has); the methods
     are its subclasses (``ODMMixer``, ``ADOMixer``, ``AioliMixer``, ``SkillItMixer``).
@@ -88,7 +115,7 @@ class Mixer:
 
     def __init__(
         self,
-        dataset: DynamicStreamingDataset | None = None,
+        dataset: SteeredDataset | None = None,
         *,
         groups: Sequence[str] | None = None,
         run_dir: str | os.PathLike | None = None,
@@ -119,7 +146,7 @@ class Mixer:
         #: wall-clock seconds spent measuring validation losses, and how many measurements
         self.eval_seconds = 0.0
         self.evaluations = 0
-        self._dataset: DynamicStreamingDataset | None = None
+        self._dataset: SteeredDataset | None = None
         self._loaded_step: int | None = None
         self._started = False
         self._step = 0
@@ -156,11 +183,13 @@ class Mixer:
         return {"final": schedule.at(step), "average": schedule.average(step)}
 
     # --------------------------------------------------------------- lifecycle
-    def attach(self, dataset: DynamicStreamingDataset) -> None:
+    def attach(self, dataset: SteeredDataset) -> None:
         """Steer ``dataset`` (checked against ``groups``); the constructor's ``dataset=``."""
-        if not isinstance(dataset, DynamicStreamingDataset):
+        # The real dataset first: the protocol's check reads (evaluates) every member.
+        if not isinstance(dataset, DynamicStreamingDataset | SteeredDataset):
             raise TypeError(
-                f"{self.name} steers a DynamicStreamingDataset, got {type(dataset).__name__}"
+                f"{self.name} steers a DynamicStreamingDataset (or a SteeredDataset), got "
+                f"{type(dataset).__name__}"
             )
         if self.groups is not None:
             unknown = [g for g in self.groups if g not in dataset.group_names]
@@ -182,7 +211,7 @@ class Mixer:
         return self._dataset is not None
 
     @property
-    def dataset(self) -> DynamicStreamingDataset:
+    def dataset(self) -> SteeredDataset:
         if self._dataset is None:
             raise RuntimeError(f"{self.name} has no dataset yet: pass it to the constructor")
         return self._dataset
