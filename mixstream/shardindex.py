@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,14 +143,45 @@ def check_path(path: Any, root: str, what: str, where: str, error: type[ValueErr
     return path
 
 
-def check_index(obj: Any, where: str, local_dir: str | None = None) -> list[dict[str, Any]]:
+def check_index(
+    obj: Any, where: str, local_dir: str | Sequence[str] | None = None
+) -> list[dict[str, Any]]:
     """The shard entries of a parsed ``index.json``, after checking them for consistency.
 
     Every file an entry names must stay inside the stream; counts and sizes must be
     non-negative integers within MDS's 32-bit offsets and agree with each other (see
     :func:`_check_mds_entry`). ``where`` names the index in messages; ``local_dir`` (the
-    directory shards are read from or downloaded to) is also checked by resolving each name.
+    directory, or directories, shards are read from or downloaded to) is also checked:
+    a name may not leave it through a symlink.
     """
+    dirs = [local_dir] if isinstance(local_dir, str) else list(local_dir or [])
+    entries = _checked_entries(obj, where)
+    for directory in dirs:
+        links = _symlinks_in(directory)
+        for i, entry in enumerate(entries):
+            for key in ("raw_data", "zip_data"):
+                info = entry.get(key)
+                if info is None:
+                    continue
+                name = info["basename"]
+                plain = os.sep not in name and (not os.altsep or os.altsep not in name)
+                if plain and name not in links:  # a file name that is no symlink: inside
+                    continue
+                check_path(name, directory, f"shard {i} {key} basename", where, ShardIndexError)
+    return entries
+
+
+def _symlinks_in(directory: str) -> set[str]:
+    """Names of the symlinks directly in ``directory`` (one listing, not one lstat a shard)."""
+    try:
+        with os.scandir(directory) as it:
+            return {e.name for e in it if e.is_symlink()}
+    except (FileNotFoundError, NotADirectoryError):
+        return set()
+
+
+def _checked_entries(obj: Any, where: str) -> list[dict[str, Any]]:
+    """The index's shard entries, each checked lexically and for consistency (no I/O)."""
     if not isinstance(obj, dict) or not isinstance(obj.get("shards"), list):
         raise ShardIndexError(f"{where} is not a streaming index (no 'shards' list)")
     entries = obj["shards"]
@@ -165,11 +196,7 @@ def check_index(obj: Any, where: str, local_dir: str | None = None) -> list[dict
             if not isinstance(info, dict):
                 raise ShardIndexError(f"{where}: shard {i} has no {key} object")
             name = check_path(
-                info.get("basename"),
-                local_dir or "",
-                f"shard {i} {key} basename",
-                where,
-                ShardIndexError,
+                info.get("basename"), "", f"shard {i} {key} basename", where, ShardIndexError
             )
             if name in seen:
                 raise ShardIndexError(
@@ -262,8 +289,7 @@ def checked_get_shards(stream: Any) -> Callable[..., list[Any]]:
         def check() -> None:
             with open(filename) as f:
                 obj = json.load(f)
-            for directory in dirs:
-                check_index(obj, where, directory)
+            check_index(obj, where, dirs)
 
         try:
             try:
