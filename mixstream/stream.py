@@ -37,7 +37,7 @@ import random
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import xxhash
@@ -388,7 +388,8 @@ class ResilientStream(Stream):
                 if os.path.lexists(target):
                     continue
                 try:
-                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    if os.path.dirname(target) != cache_dir:  # a basename with folders
+                        os.makedirs(os.path.dirname(target), exist_ok=True)
                     os.link(os.path.join(source_dir, raw_info.basename), target)
                 except FileExistsError:
                     continue  # another process linked it first
@@ -451,21 +452,20 @@ class ResilientStream(Stream):
     # ------------------------------------------------------------------ verification
     def _check(self, info: FileInfo, data: bytes) -> str | None:
         """Why ``data`` does not match its index entry ``info``, or ``None``."""
-        if info.bytes is not None and len(data) != info.bytes:
-            return f"it is {len(data)} bytes but its index says {info.bytes} (truncated?)"
-        expected = self._expected_hash(info)
-        if expected is not None and get_hash(str(self.validate_hash), data) != expected:
-            return f"its {self.validate_hash} hash does not match its index"
-        return None
+        return self._mismatch(info, len(data), lambda algo: get_hash(algo, data))
 
     def _check_file(self, info: FileInfo, filename: str) -> str | None:
-        """Why the file ``filename`` does not match ``info``, or ``None``: its size (one
-        ``stat``, which alone catches truncation), then its hash, read in chunks."""
+        """:meth:`_check` of a file: its size first (one ``stat``, which alone catches
+        truncation), then its hash, read in chunks."""
         size = os.path.getsize(filename)
+        return self._mismatch(info, size, lambda algo: file_hash(algo, filename))
+
+    def _mismatch(self, info: FileInfo, size: int, digest: Callable[[str], str]) -> str | None:
+        """Why ``size`` bytes whose ``digest(algo)`` is given do not match ``info``."""
         if info.bytes is not None and size != info.bytes:
             return f"it is {size} bytes but its index says {info.bytes} (truncated?)"
         expected = self._expected_hash(info)
-        if expected is not None and file_hash(str(self.validate_hash), filename) != expected:
+        if expected is not None and digest(str(self.validate_hash)) != expected:
             return f"its {self.validate_hash} hash does not match its index"
         return None
 

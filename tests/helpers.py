@@ -143,3 +143,34 @@ def tokens_of(samples: list[dict[str, Any]], seq_len: int, dtype: str) -> np.nda
     if not samples:
         return np.empty(0, dtype)
     return np.concatenate([s["input_ids"] for s in samples])
+
+
+def write_uncompressed_groups(root: Path, groups: int = 3, samples: int = 200) -> list[Path]:
+    """``groups`` uncompressed local MDS streams ``u0, u1, ...`` of many small shards with
+    xxh64, as plain streaming writes them: ``x`` is ``1000 * group + i``, ``text`` 0-6 chars."""
+    from streaming import MDSWriter
+
+    folders = []
+    for g in range(groups):
+        folder = root / f"u{g}"
+        with MDSWriter(
+            out=str(folder),
+            columns={"x": "int", "text": "str"},
+            size_limit=1 << 10,
+            hashes=["xxh64"],
+        ) as writer:
+            for i in range(samples):
+                writer.write({"x": 1000 * g + i, "text": "y" * (i % 7)})
+        folders.append(folder)
+    return folders
+
+
+def local_streams_dataset(folders: list[Path], cache: Path, **options: Any) -> Any:
+    """A ``DynamicStreamingDataset`` over plain ``Stream(remote=folder, local=cache/name)``s,
+    one group per folder."""
+    from streaming import Stream
+
+    from mixstream import DynamicStreamingDataset
+
+    streams = [Stream(remote=str(f), local=str(cache / f.name)) for f in folders]
+    return DynamicStreamingDataset(streams=streams, groups=[f.name for f in folders], **options)

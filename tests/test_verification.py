@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import zstd
-from helpers import tree_bytes
+from helpers import local_streams_dataset, tree_bytes, write_uncompressed_groups
 from mixture_harness import fingerprint, write_index
 
 from mixstream import DynamicStreamingDataset, storage
@@ -246,28 +246,8 @@ def test_a_read_only_corpus_is_read_through_the_cache_and_never_written(
             assert tree_bytes(corpus) == before
 
 
-def _uncompressed_corpus(root: Path, groups: int = 3) -> list[Path]:
-    """``groups`` uncompressed local MDS streams with xxh64 (as plain streaming writes them)."""
-    from streaming import MDSWriter
-
-    folders = []
-    for g in range(groups):
-        folder = root / f"u{g}"
-        with MDSWriter(
-            out=str(folder), columns={"x": "int"}, hashes=["xxh64"], size_limit=1 << 10
-        ) as writer:
-            for i in range(200):
-                writer.write({"x": 1000 * g + i})
-        folders.append(folder)
-    return folders
-
-
 def _uncompressed_dataset(folders: list[Path], cache: Path, **options: Any) -> Any:
-    from streaming import Stream
-
-    streams = [Stream(remote=str(f), local=str(cache / f.name)) for f in folders]
-    names = [f.name for f in folders]
-    return DynamicStreamingDataset(streams=streams, groups=names, batch_size=4, seed=3, **options)
+    return local_streams_dataset(folders, cache, batch_size=4, seed=3, **options)
 
 
 def test_an_uncompressed_local_corpus_is_linked_into_the_cache_not_copied(
@@ -276,7 +256,7 @@ def test_an_uncompressed_local_corpus_is_linked_into_the_cache_not_copied(
     """A local corpus's uncompressed shards are hard-linked into the cache at construction
     (no copy, no per-shard lock at first use), the corpus is never written, and the sequence
     is the one read through copies (``verify_cache=False`` keeps copying on first use)."""
-    folders = _uncompressed_corpus(tmp_path / "corpus")
+    folders = write_uncompressed_groups(tmp_path / "corpus")
     before = tree_bytes(tmp_path / "corpus")
     ds = _uncompressed_dataset(folders, tmp_path / "linked")
     shards = sorted((tmp_path / "linked" / "u1").glob("*.mds"))
@@ -297,7 +277,7 @@ def test_an_uncompressed_local_corpus_is_linked_into_the_cache_not_copied(
 def test_a_damaged_shard_of_a_linked_corpus_is_refused_on_first_use(tmp_path: Path) -> None:
     """A linked shard is checked on its first use in each process like any cached shard: a
     flipped byte in the corpus is refused, naming the shard, never read."""
-    folders = _uncompressed_corpus(tmp_path / "corpus")
+    folders = write_uncompressed_groups(tmp_path / "corpus")
     victim = sorted(folders[2].glob("*.mds"))[1]
     data = bytearray(victim.read_bytes())
     data[-1] ^= 0x01
