@@ -56,6 +56,7 @@ from mixstream.stream import (
     DEFAULT_RETRY_SECONDS,
     ResilientStream,
     check_retry_seconds,
+    limit_decompression,
     shared_downloader,
 )
 from mixstream.tokens import TokenLengths, load_sidecar
@@ -69,6 +70,8 @@ WEIGHT_UNITS = ("samples", "tokens")
 log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: compacted schedule (schedule_past, schedule_digest); 1 still loads
 _REMOTE_SHARD = int(_ShardState.REMOTE)
+_LOCAL_SHARD = int(_ShardState.LOCAL)
+_DOWNLOAD_THREADS = 4  # concurrent shard downloads per loader process from an object store
 _download_lock = threading.Lock()
 MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
 _KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
@@ -806,6 +809,11 @@ class DynamicStreamingDataset(StreamingDataset):
                 f"the DataLoader runs {workers_per_rank} workers but update_lag is "
                 f"{self.update_lag}; pass num_workers={workers_per_rank} to the dataset"
             )
+        # A thread marks a shard as its own before it waits for a decompression slot, so more
+        # threads than slots only pay off where downloads wait on the network.
+        threads = limit_decompression(self._parallel_rank_world.ranks_per_node * workers_per_rank)
+        if any("://" in (stream.remote or "") for stream in self.streams):
+            threads = max(threads, _DOWNLOAD_THREADS)
         self._channel.mark_started()
         self._planned_through = -1
         self._group_sizes = np.asarray(self.plan.group_sizes, dtype=np.int64)
@@ -817,7 +825,7 @@ class DynamicStreamingDataset(StreamingDataset):
         lo, hi = rank * self.device_batch_size, (rank + 1) * self.device_batch_size
         first = state.batch
         here = os.getpid() == self._creator_pid  # iterating in the trainer's own process
-        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mixstream-prefetch")
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mixstream-prefetch")
         try:
             while state.batch < end:
                 self._wait_final(state.batch)
@@ -899,7 +907,14 @@ class DynamicStreamingDataset(StreamingDataset):
         shards = np.unique(self._shards_of(ids))
         needed = shards[states[shards] == _REMOTE_SHARD].tolist()
         if needed:
-            wait([pool.submit(self.prepare_shard, s) for s in needed])
+            # Workers of a rank need mostly the same shards for their first batches. Skip
+            # those another process is preparing (as streaming's own prefetch does), so
+            # processes split the work instead of queueing behind each other in one order,
+            # then wait for the rest.
+            wait([pool.submit(self.prepare_shard, s, False) for s in needed])
+            for s in needed:
+                if states[s] != _LOCAL_SHARD:
+                    self.prepare_shard(s)
         # Vectorized over groups: only groups whose horizon moved (about those drawn in this
         # batch) are looked at one by one, so the cost per batch is O(groups) in numpy and
         # O(groups drawn) in Python.

@@ -24,6 +24,7 @@ import pytest
 import zstd
 from helpers import local_streams_dataset, tree_bytes, write_uncompressed_groups
 from mixture_harness import fingerprint, write_index
+from streaming.base.dataset import _ShardState
 
 from mixstream import DynamicStreamingDataset, storage
 from mixstream.stream import ShardCorruptError, file_hash
@@ -284,3 +285,103 @@ def test_a_damaged_shard_of_a_linked_corpus_is_refused_on_first_use(tmp_path: Pa
     victim.write_bytes(bytes(data))
     with pytest.raises(ShardCorruptError, match=re.escape(victim.name)):
         list(_uncompressed_dataset(folders, tmp_path / "cache"))
+
+
+def test_a_compressed_local_corpus_is_read_in_place_not_copied_into_the_cache(
+    mixture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """streaming copies each compressed shard of a local corpus into the cache, reads the
+    copy and deletes it; here it is read where it lies and only its decompressed form is
+    written, with the same sequence as a read that keeps the copies (``keep_zip``)."""
+    from mixstream.stream import ResilientStream
+
+    copied: list[str] = []
+    download = ResilientStream._download_file
+
+    def spy(self: ResilientStream, name: str, *args: Any) -> str:
+        copied.append(name)
+        return download(self, name, *args)
+
+    monkeypatch.setattr(ResilientStream, "_download_file", spy)
+    in_place = _epoch(_dataset(mixture, tmp_path / "cache"))
+    assert not [name for name in copied if name.endswith(".zstd")]
+    assert not list((tmp_path / "cache").rglob("*.zstd"))
+    assert len(list((tmp_path / "cache").rglob("*.mds"))) == len(
+        list(Path(mixture).glob("*/train/*.mds.zstd"))
+    )
+    monkeypatch.setattr(ResilientStream, "_reads_in_place", False)
+    assert _epoch(_dataset(mixture, tmp_path / "copies")) == in_place
+    assert [name for name in copied if name.endswith(".zstd")]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "error", "problem"),
+    [
+        (_decodable_flip, ShardCorruptError, "its xxh64 hash does not match its index"),
+        (None, FileNotFoundError, "is missing: its index lists it"),
+    ],
+    ids=["flipped-byte", "missing"],
+)
+def test_a_bad_compressed_shard_of_a_local_corpus_is_refused_naming_it(
+    mixture: str, tmp_path: Path, tamper: Any, error: type[Exception], problem: str
+) -> None:
+    corpus = _fresh_copy(mixture, tmp_path / "corpus")
+    victim = corpus / SHARD
+    if tamper is None:
+        victim.unlink()
+    else:
+        victim.write_bytes(tamper(victim.read_bytes()))
+    with pytest.raises(error, match=re.escape(str(victim)) + ".*" + re.escape(problem)):
+        _epoch(_dataset(str(corpus), tmp_path / "cache"))
+    assert not (tmp_path / "cache" / SHARD.removesuffix(".zstd")).exists()
+
+
+def test_a_process_decompresses_at_most_its_share_of_the_cores_at_once(
+    mixture: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Concurrent decompressions thrash the caches (each costs several times its CPU
+    alone), so each loader process of a node gets its share of the cores; downloads are
+    not bounded by it."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mixstream import stream
+
+    cpus = stream._cpus()
+    assert stream.limit_decompression(1) == cpus
+    assert stream.limit_decompression(cpus * 8) == 1
+    assert stream.limit_decompression(0) == cpus
+    running, most = 0, 0
+    lock = threading.Lock()
+    decompress = stream.decompress
+
+    def counting(*args: Any) -> bytes:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        try:
+            time.sleep(0.02)  # long enough for the threads to overlap where they may
+            return decompress(*args)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(stream, "decompress", counting)
+    ds = _dataset(mixture, tmp_path / "cache")
+    try:
+        for slots in (1, 2):
+            stream.limit_decompression(max(1, cpus // slots))
+            expected = min(slots, cpus)
+            for shard in range(ds.num_shards):
+                ds._shard_states[shard] = _ShardState.REMOTE  # prepare them all again
+            for path in (tmp_path / "cache").rglob("*.mds"):
+                path.unlink()
+            most = 0
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(ds.prepare_shard, range(ds.num_shards)))
+            assert most == expected
+    finally:
+        ds.close()
+        stream.limit_decompression(1)
