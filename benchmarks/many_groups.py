@@ -15,7 +15,9 @@ Both read through a ``DataLoader`` with 0 workers and per-device batch 512. Ever
 fresh process; ours and plain alternate, round after round, and medians are reported. The
 ratios that matter are taken side by side: ours at m against ours at m=3, and ours against
 plain at the same m. Targets (issue 11): at m=1,000 ours keeps >= 80% of its m=3 rate and
-stays >= plain's; state size and per-call costs grow at most linearly in m. ::
+stays >= plain's; state size and per-call costs grow at most linearly in m. A second table
+times a cold start from S3 (SeaweedFS on loopback) at a few m: building the dataset and its
+first batch from a fresh cache, where every stream's index is a request. ::
 
     .venv/bin/python -m benchmarks.many_groups                      # full run
     .venv/bin/python -m benchmarks.many_groups --quick --no-write   # smoke test
@@ -46,6 +48,8 @@ SAMPLES_PER_GROUP_MIN = 64
 RESULT_PREFIX = "BENCH-RESULT "
 RUN_TIMEOUT_S = 900.0
 KINDS = ("ours", "plain")
+S3_PREFIX = "s3://mixstream/many-groups"
+COLD_READ = 2 * BATCH  # samples a cold-start run reads: its build and first batch are timed
 
 
 # ------------------------------------------------------------------------------- corpus
@@ -114,10 +118,16 @@ def run_reader(job: dict[str, Any]) -> dict[str, Any]:
             return out
 
         plan_module.allocate = timed_allocate
+    remote = job.get("remote")  # an S3 prefix holding the same corpus: a cold start from it
     with stopwatch() as build:  # imports above: the build time is the dataset's alone
         if job["kind"] == "ours":
-            ds: Any = DynamicStreamingDataset(manifest=str(root), batch_size=BATCH,
-                                              local=job["cache"])  # fmt: skip
+            ds: Any = DynamicStreamingDataset(
+                manifest=f"{remote}/mixture.json" if remote else str(root),
+                batch_size=BATCH, local=job["cache"])  # fmt: skip
+        elif remote:
+            streams = [Stream(remote=f"{remote}/g{g:05d}/train", proportion=1 / m,
+                              local=f"{job['cache']}/g{g:05d}") for g in range(m)]  # fmt: skip
+            ds = StreamingDataset(streams=streams, batch_size=BATCH, shuffle=True)
         else:
             streams = [Stream(local=str(root / f"g{g:05d}" / "train"), proportion=1 / m)
                        for g in range(m)]  # fmt: skip
@@ -245,6 +255,7 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
             "batch_ms": _med(ours_ok, "batch_ms"), "allocation_ms": _med(ours_ok, "allocation_ms"),
         }  # fmt: skip
     lines += _where_the_time_goes(summary["cells"], args.groups[0])
+    lines += _cold_starts(args, cells, summary)
     thousand = summary["cells"].get("1000", {})
     if thousand.get("ours_vs_m3") is not None and thousand.get("ours_over_plain") is not None:
         met = thousand["ours_vs_m3"] >= 0.8 and thousand["ours_over_plain"] >= 1.0
@@ -272,6 +283,77 @@ def _where_the_time_goes(cells: dict[str, dict[str, Any]], base_m: int) -> list[
             + ". The rest lies outside the apportionment."]  # fmt: skip
 
 
+def _cold_starts(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str, Any]]],
+                 summary: dict[str, Any]) -> list[str]:  # fmt: skip
+    """The S3 cold-start table: build and first batch from a fresh cache, ours and plain."""
+    if not args.s3_groups:
+        return []
+    lines = [
+        "",
+        f"Cold start from S3 (SeaweedFS on loopback; the same corpus uploaded, a fresh cache "
+        f"per run, 0 workers, {COLD_READ // BATCH} batches read): building the dataset "
+        "(every stream's `index.json` downloaded) and its first batch; each round's ours / "
+        "plain ratio of the two together, side by side.",
+        "",
+        "| groups | build s (ours / plain) | first batch s (ours / plain) | "
+        "build + first batch, ours / plain (each round) | others' CPU |",
+        "|---:|---|---|---|---:|",
+    ]
+    summary["s3_cold_start"] = {}
+    for m in args.s3_groups:
+        ours = [r for r in cells.get(("ours-s3", m), []) if "failed" not in r]
+        plain = [r for r in cells.get(("plain-s3", m), []) if "failed" not in r]
+        failed = [r["failed"] for r in cells.get(("ours-s3", m), []) + cells.get(
+            ("plain-s3", m), []) if "failed" in r]  # fmt: skip
+        ratios = [(o["build_s"] + o["first_batch_s"]) / (p["build_s"] + p["first_batch_s"])
+                  for o, p in zip(ours, plain, strict=False)]  # fmt: skip
+        others = max((r.get("others") or 0.0) for r in ours + plain) if ours + plain else 0.0
+
+        def pair(key: str, spec: str, o: list = ours, p: list = plain) -> str:
+            return f"{_fmt(_med(o, key), spec)} / {_fmt(_med(p, key), spec)}"
+
+        lines.append(
+            f"| {m:,} | {pair('build_s', '.2f')} | {pair('first_batch_s', '.2f')} | "
+            + (", ".join(f"{x:.3f}" for x in ratios) or "-")
+            + f" | {others:.2f} |"
+        )
+        if failed:
+            lines.append(f"| | failed: {failed[0]} ({len(failed)} runs) | | | |")
+        summary["s3_cold_start"][str(m)] = {
+            "build_s": {"ours": _med(ours, "build_s"), "plain": _med(plain, "build_s")},
+            "first_batch_s": {"ours": _med(ours, "first_batch_s"),
+                              "plain": _med(plain, "first_batch_s")},
+            "ours_over_plain_each_round": ratios, "failed": failed,
+        }  # fmt: skip
+    return lines
+
+
+def _run_s3_cold_starts(args: argparse.Namespace,
+                        cells: dict[tuple[str, int], list[dict[str, Any]]]) -> None:  # fmt: skip
+    from mixstream import storage
+    from mixstream.testing.s3server import S3Server
+
+    roots = {m: prepare_corpus(args.workdir, m, args.samples) for m in args.s3_groups}
+    with S3Server() as server, server.apply_env():  # children inherit the endpoint
+        for m, root in roots.items():
+            storage.upload_tree(root, f"{S3_PREFIX}/m{m}")
+        for rnd in range(args.rounds):
+            for m in args.s3_groups:
+                for kind in KINDS if rnd % 2 == 0 else KINDS[::-1]:
+                    cache = args.workdir / f"cache-s3-{kind}-{m}-{rnd}"
+                    job = {"kind": kind, "groups": m, "root": str(roots[m]), "read": COLD_READ,
+                           "cache": str(cache), "remote": f"{S3_PREFIX}/m{m}"}  # fmt: skip
+                    result = launch(job)
+                    shutil.rmtree(cache, ignore_errors=True)
+                    cells.setdefault((f"{kind}-s3", m), []).append(result)
+                    what = result.get("failed") or (
+                        f"build {result['build_s']:.2f} s, first batch "
+                        f"{result['first_batch_s']:.2f} s"
+                    )
+                    print(f"[many-groups] round {rnd} S3 cold start m={m} {kind}: {what}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+
+
 # ------------------------------------------------------------------------------- main
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -282,6 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path,
                         default=Path(tempfile.gettempdir()) / "mixstream-many-groups")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="m = 3, 100; small reads; 1 round")
+    parser.add_argument(
+        "--s3-groups", default="3,200", help="m for the S3 cold-start table ('' skips it)"
+    )
     parser.add_argument("--no-write", dest="write", action="store_false")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -290,7 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.quick:
         args.groups, args.samples, args.read, args.rounds = "3,100", 8_192, 5_120, 1
+        args.s3_groups = "3,20"
     args.groups = [int(x) for x in args.groups.split(",") if x.strip()]
+    args.s3_groups = [int(x) for x in args.s3_groups.split(",") if x.strip()]
     roots = {m: prepare_corpus(args.workdir, m, args.samples) for m in args.groups}
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
@@ -306,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(
                     f"[many-groups] round {rnd} m={m} {kind}: {what}", file=sys.stderr, flush=True
                 )
+    if args.s3_groups:
+        _run_s3_cold_starts(args, cells)
     markdown, summary = report(args, cells)
     publish(SECTION, markdown, quick=args.quick, write=args.write, name="many_groups",
             results=summary)  # fmt: skip

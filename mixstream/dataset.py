@@ -71,7 +71,6 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: compacted schedule (schedule_past, schedule_digest); 1 still loads
 _REMOTE_SHARD = int(_ShardState.REMOTE)
 _LOCAL_SHARD = int(_ShardState.LOCAL)
-_DOWNLOAD_THREADS = 4  # concurrent shard downloads per loader process from an object store
 _download_lock = threading.Lock()
 MAX_BATCH = 2**53 - 1  # batch indexes cross to workers as float64, exact up to here
 _KNOWN_STATES = 8  # plan states remembered besides the initial and the resumed one
@@ -809,11 +808,12 @@ class DynamicStreamingDataset(StreamingDataset):
                 f"the DataLoader runs {workers_per_rank} workers but update_lag is "
                 f"{self.update_lag}; pass num_workers={workers_per_rank} to the dataset"
             )
-        # A thread marks a shard as its own before it waits for a decompression slot, so more
-        # threads than slots only pay off where downloads wait on the network.
+        # A thread claims a shard before it waits for a decompression slot: more threads than
+        # slots would claim shards another process could have been working on. From an
+        # object store, one more thread downloads while the others decompress.
         threads = limit_decompression(self._parallel_rank_world.ranks_per_node * workers_per_rank)
         if any("://" in (stream.remote or "") for stream in self.streams):
-            threads = max(threads, _DOWNLOAD_THREADS)
+            threads += 1
         self._channel.mark_started()
         self._planned_through = -1
         self._group_sizes = np.asarray(self.plan.group_sizes, dtype=np.int64)
