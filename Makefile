@@ -12,7 +12,7 @@ QUIET_PIP := { grep -v '^WARNING: Location' || true; }
 
 .PHONY: demo test lint clean install foundry
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml mixstream/_quota.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | $(QUIET_PIP)
 	$(PY) -c "import mixstream, shard_tools, streaming, composer"

@@ -81,8 +81,11 @@ class CheckedMDSReader(MDSReader):
         if self.stream is not None:
             self.stream.check_cached(self)
         filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
-        with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
-            head = f.read(4)
+        if self.keep_open:  # opened once, checked, then read from (after check_cached)
+            head = os.pread(self._fd if self._fd is not None else self._open_file(), 4, 0)
+        else:
+            with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
+                head = f.read(4)
         held = int(np.frombuffer(head, np.uint32)[0]) if len(head) == 4 else None
         if held != self.samples:
             raise ShardIndexError(
