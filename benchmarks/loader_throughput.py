@@ -1013,8 +1013,7 @@ def report(
             "*Trainer alone*: a dataset built with per-device batch = global batch and no "
             "iteration; `set_weights` every step, `state_dict` after every N steps "
             "(the plan advances as the trainer announces each step, so `set_weights` pays "
-            "one batch's allocation, O(global batch) in pure Python with few groups, and "
-            "`state_dict` only serializes).",
+            "one batch's allocation, O(global batch), and `state_dict` only serializes).",
             "",
             f"`state_dict` as the run grows (global batch {BATCH}, one `set_weights` per "
             "step; the state keeps a bounded tail of the schedule plus a digest of the "

@@ -15,9 +15,11 @@ Both read through a ``DataLoader`` with 0 workers and per-device batch 512. Ever
 fresh process; ours and plain alternate, round after round, and medians are reported. The
 ratios that matter are taken side by side: ours at m against ours at m=3, and ours against
 plain at the same m. Targets (issue 11): at m=1,000 ours keeps >= 80% of its m=3 rate and
-stays >= plain's; state size and per-call costs grow at most linearly in m. A second table
-times a cold start from S3 (SeaweedFS on loopback) at a few m: building the dataset and its
-first batch from a fresh cache, where every stream's index is a request. ::
+stays >= plain's; state size and per-call costs grow at most linearly in m. An ablation
+reads the m=3 corpus written in as many files as m=1,000 has: the plan of m=3, the files of
+m=1,000. A second table times a cold start from S3 (SeaweedFS on loopback) at a few m:
+building the dataset and its first batch from a fresh cache, where every stream's index is a
+request. ::
 
     .venv/bin/python -m benchmarks.many_groups                      # full run
     .venv/bin/python -m benchmarks.many_groups --quick --no-write   # smoke test
@@ -50,11 +52,15 @@ RUN_TIMEOUT_S = 900.0
 KINDS = ("ours", "plain")
 S3_PREFIX = "s3://mixstream/many-groups"
 COLD_READ = 2 * BATCH  # samples a cold-start run reads: its build and first batch are timed
+# The ablation: m=3 groups stored in as many files as m=1,000 has (one per group), so the
+# plan is m=3's and only the number of files read from is m=1,000's.
+ABLATION_SHARDS = 333
 
 
 # ------------------------------------------------------------------------------- corpus
-def prepare_corpus(workdir: Path, groups: int, total: int) -> Path:
-    """Write (once) ``groups`` equal MDS streams of ``total`` samples in all, and the manifest.
+def prepare_corpus(workdir: Path, groups: int, total: int, shards_per_group: int = 1) -> Path:
+    """Write (once) ``groups`` equal MDS streams of ``total`` samples in all, and the manifest,
+    each stream in ``shards_per_group`` shards (about).
 
     The first two tokens of every sample hold its group, so a reader could check the mix.
     """
@@ -64,7 +70,11 @@ def prepare_corpus(workdir: Path, groups: int, total: int) -> Path:
     from mixstream.manifest import GroupInfo, Manifest, SplitInfo
 
     per = max(SAMPLES_PER_GROUP_MIN, total // groups)
-    root = workdir / f"corpus-m{groups}-{per}"
+    split = "" if shards_per_group == 1 else f"-s{shards_per_group}"
+    root = workdir / f"corpus-m{groups}-{per}{split}"
+    # A shard holds a 4-byte offset and SEQ_LEN tokens per sample, plus a small header.
+    size_limit = 1 << 26 if shards_per_group == 1 else (
+        (4 + 2 * SEQ_LEN) * -(-per // shards_per_group) + 64)  # fmt: skip
     if (root / "mixture.json").exists():
         return root
     shutil.rmtree(root, ignore_errors=True)
@@ -76,7 +86,7 @@ def prepare_corpus(workdir: Path, groups: int, total: int) -> Path:
         rows = rng.integers(0, 50257, size=(per, SEQ_LEN), dtype=np.uint16)
         rows[:, 0], rows[:, 1] = g % 65536, g // 65536
         with MDSWriter(out=str(root / rel), columns={"input_ids": f"ndarray:{DTYPE}:{SEQ_LEN}"},
-                       size_limit=1 << 26) as writer:  # fmt: skip
+                       size_limit=size_limit) as writer:  # fmt: skip
             for row in rows:
                 writer.write({"input_ids": row})
         raw = sum(
@@ -255,6 +265,7 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
             "batch_ms": _med(ours_ok, "batch_ms"), "allocation_ms": _med(ours_ok, "allocation_ms"),
         }  # fmt: skip
     lines += _where_the_time_goes(summary["cells"], args.groups[0])
+    lines += _ablation(cells, summary)
     lines += _cold_starts(args, cells, summary)
     thousand = summary["cells"].get("1000", {})
     if thousand.get("ours_vs_m3") is not None and thousand.get("ours_over_plain") is not None:
@@ -281,6 +292,27 @@ def _where_the_time_goes(cells: dict[str, dict[str, Any]], base_m: int) -> list[
         return []
     return ["", f"Ours' time per batch against m={base_m:,} (medians): " + "; ".join(parts)
             + ". The rest lies outside the apportionment."]  # fmt: skip
+
+
+def _ablation(cells: dict[tuple[str, int], list[dict[str, Any]]],
+              summary: dict[str, Any]) -> list[str]:  # fmt: skip
+    """m=3 stored in as many files as m=1,000 has, against m=3 in one file per group."""
+    if not cells.get(("ours", -3)):
+        return []
+    parts, summary["ablation"] = [], {"shards_per_group": ABLATION_SHARDS}
+    for kind in KINDS:
+        small = [r for r in cells.get((kind, -3), []) if "failed" not in r]
+        base = [r for r in cells.get((kind, 3), []) if "failed" not in r]
+        each = [a["rate"] / b["rate"] for a, b in zip(small, base, strict=False)]
+        if not each:
+            continue
+        summary["ablation"][kind] = {"rate": _med(small, "rate"), "vs_m3_each_round": each}
+        parts.append(f"{kind} {_med(small, 'rate'):,.0f} samples/s, "
+                     + ", ".join(f"{x:.2f}" for x in each) + " of its m=3 rate")  # fmt: skip
+    return ["", f"Ablation: the m=3 corpus written in {ABLATION_SHARDS} shards per group "
+            f"(about {3 * ABLATION_SHARDS:,} files, as many as m=1,000 has), so the plan is m=3's "
+            "and only the number of files read from is m=1,000's: " + "; ".join(parts)
+            + " (each round, side by side)."]  # fmt: skip
 
 
 def _cold_starts(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str, Any]]],
@@ -379,13 +411,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.groups = [int(x) for x in args.groups.split(",") if x.strip()]
     args.s3_groups = [int(x) for x in args.s3_groups.split(",") if x.strip()]
     roots = {m: prepare_corpus(args.workdir, m, args.samples) for m in args.groups}
+    ablation = args.groups[0] == 3
+    if ablation:
+        roots[-3] = prepare_corpus(args.workdir, 3, args.samples, ABLATION_SHARDS)
     cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for rnd in range(args.rounds):
-        for m in args.groups:
+        for m in [*args.groups, -3] if ablation else args.groups:  # -3: m=3 in small shards
             for kind in KINDS if rnd % 2 == 0 else KINDS[::-1]:
                 cache = args.workdir / f"cache-{kind}-{m}-{rnd}"
-                job = {"kind": kind, "groups": m, "root": str(roots[m]), "read": args.read,
-                       "cache": str(cache)}  # fmt: skip
+                job = {"kind": kind, "groups": abs(m), "root": str(roots[m]),
+                       "read": args.read, "cache": str(cache)}  # fmt: skip
                 result = launch(job)
                 shutil.rmtree(cache, ignore_errors=True)
                 cells.setdefault((kind, m), []).append(result)
