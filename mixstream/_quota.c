@@ -202,7 +202,7 @@ static PyObject *allocate(PyObject *self, PyObject *args)
     if (batch < 0) return PyErr_Format(PyExc_ValueError, "batch_size must be >= 0");
     Py_buffer t, c, w;
     if (get_buffer(t_obj, &t, "targets", "d", 0) < 0) return NULL;
-    if (get_buffer(c_obj, &c, "counts", "qlQL", 1) < 0) {
+    if (get_buffer(c_obj, &c, "counts", "ql", 1) < 0) {
         PyBuffer_Release(&t);
         return NULL;
     }

@@ -37,6 +37,20 @@ def test_the_c_rule_is_built() -> None:
                     "reinstall with pip install -e .")  # fmt: skip
 
 
+def test_the_c_rule_rejects_what_it_cannot_read() -> None:
+    from mixstream import _quota
+
+    t, w = np.zeros(3), np.full(3, 1 / 3)
+    with pytest.raises(ValueError, match="differ in length"):
+        _quota.allocate(t, np.zeros(2, dtype=np.int64), w, 4)
+    with pytest.raises(TypeError, match="counts must be a 1-d contiguous array of 8-byte int"):
+        _quota.allocate(t, np.zeros(3), w, 4)
+    with pytest.raises(ValueError, match="batch_size must be >= 0"):
+        _quota.allocate(t, np.zeros(3, dtype=np.int64), w, -1)
+    with pytest.raises(ValueError, match="no group has a positive weight"):
+        _quota.allocate(t, np.zeros(3, dtype=np.int64), np.zeros(3), 4)
+
+
 def literal(targets: Any, counts: Any, weights: Any, batch_size: int) -> list[int]:
     """The rule as the module docstring states it, one slot and one group at a time."""
     w, t0, c = [float(x) for x in weights], [float(x) for x in targets], [int(x) for x in counts]
