@@ -273,14 +273,30 @@ def report(args: argparse.Namespace, cells: dict[tuple[str, int], list[dict[str,
     lines += _cold_starts(args, cells, summary)
     thousand = summary["cells"].get("1000", {})
     if thousand.get("ours_vs_m3") is not None and thousand.get("ours_over_plain") is not None:
-        met = thousand["ours_vs_m3"] >= 0.8 and thousand["ours_over_plain"] >= 1.0
         rounds = thousand["ours_vs_m3_each_round"]
         each = ", ".join(f"{x:.2f}" for x in rounds)
+        verdict = _rate_verdict(rounds, thousand["ours_over_plain"])
         lines += ["", f"- Targets at m=1,000 (>= 0.80 of ours at m=3, >= 1.0x plain): "
                   f"{thousand['ours_vs_m3']:.2f} (each round: {each}) and "
-                  f"{thousand['ours_over_plain']:.2f}x: **{'met' if met else 'not met'}**"
-                  + ("." if met else _files_verdict(rounds, summary))]  # fmt: skip
+                  f"{thousand['ours_over_plain']:.2f}x: **{verdict}**"
+                  + ("." if verdict == "met" else _files_verdict(rounds, summary))
+                  ]  # fmt: skip
+        summary["verdict_m1000"] = verdict
     return "\n".join(lines), summary
+
+
+def _rate_verdict(rounds: list[float], over_plain: float, target: float = 0.8) -> str:
+    """Met when even the lower quartile of the per-round ratios reaches the target; within
+    noise when the target lies inside their interquartile range (a second run could land on
+    either side of it); not met below it."""
+    if over_plain < 1.0:
+        return "not met"
+    if len(rounds) < 2:
+        return "met" if rounds and rounds[0] >= target else "not met"
+    q1, _, q3 = statistics.quantiles(rounds, n=4, method="inclusive")
+    if q1 >= target:
+        return "met"
+    return f"within noise (interquartile range {q1:.2f}-{q3:.2f})" if q3 >= target else "not met"
 
 
 def _files_verdict(rounds: list[float], summary: dict[str, Any]) -> str:
