@@ -19,10 +19,10 @@ Groups with weight 0 are never drawn, even if an earlier deficit is outstanding.
 Cost. Followed literally the rule costs O(groups) per slot, O(batch x groups) per batch:
 0.35 s per batch of 512 with 1,000 groups. Both implementations here give the same answer,
 bit for bit, by examining only a short list of candidates per run of slots: the C extension
-``mixstream._quota`` (built on install; its header comment has the argument), about 0.1 ms
+``mixstream._quota`` (built on install; its header comment has the argument), about 0.25 ms
 per batch of 512 with 1,000 groups, and :func:`_shortlist` in numpy and Python, the
 fallback where no C compiler was at hand, ~2 ms (numpy's per-call cost, paid per run of 8
-slots, and Python's per candidate and slot). :func:`native` says which one runs.
+slots, and Python's per candidate and slot).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ try:
 except ImportError:  # installed without a C compiler: the numpy shortlist below, same counts
     _quota = None
 
-__all__ = ["advance_targets", "allocate", "native"]
+__all__ = ["advance_targets", "allocate"]
 
 _SHORTLIST_MIN = 64  # groups with positive weight from which the shortlist pays off
 
@@ -79,11 +79,6 @@ def allocate(
     out = np.zeros(len(w), dtype=np.int64)
     out[idx] = _shortlist(t0_arr, c0_arr, w_arr, int(batch_size)) - c0_arr
     return out.tolist()
-
-
-def native() -> bool:
-    """Whether :func:`allocate` runs the C extension (else the numpy shortlist, slower)."""
-    return _quota is not None
 
 
 def _slots(

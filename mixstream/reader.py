@@ -68,7 +68,7 @@ class CheckedMDSReader(MDSReader):
             self._check_first_use()
         if not self.keep_open:
             return super().get_sample_data(idx)
-        fd = self._fd if self._fd is not None else self._open_file()
+        fd = self._descriptor()
         begin, end = np.frombuffer(os.pread(fd, 8, (1 + idx) * 4), np.uint32)
         data = os.pread(fd, int(end) - int(begin), int(begin)) if end > begin else b""
         if not data:
@@ -82,7 +82,7 @@ class CheckedMDSReader(MDSReader):
             self.stream.check_cached(self)
         filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
         if self.keep_open:  # opened once, checked, then read from (after check_cached)
-            head = os.pread(self._fd if self._fd is not None else self._open_file(), 4, 0)
+            head = os.pread(self._descriptor(), 4, 0)
         else:
             with open(filename, "rb", 0) as f:  # FileNotFoundError: streaming fetches it
                 head = f.read(4)
@@ -94,6 +94,10 @@ class CheckedMDSReader(MDSReader):
                 "not match its shards: re-convert the stream (or run shard-tools verify)"
             )
         self._count_checked = True
+
+    def _descriptor(self) -> int:
+        """The kept-open file's descriptor, opening it on first use."""
+        return self._fd if self._fd is not None else self._open_file()
 
     def _open_file(self) -> int:
         filename = os.path.join(self.dirname, self.split, self.raw_data.basename)
